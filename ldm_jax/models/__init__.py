@@ -1,0 +1,69 @@
+"""Model registry: a config names a model and passes its fields as keyword arguments."""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {
+    'autoencoder_kl': AutoencoderKL,
+    'unet': UNet,
+}
+
+# Dataclass fields that flax adds to every module; not model hyper-parameters.
+_FLAX_FIELDS = frozenset({'parent', 'name'})
+
+
+def model_fields(name: str) -> tuple[str, ...]:
+  """Names of the keyword arguments accepted by model `name`."""
+  cls = _lookup(name)
+  return tuple(
+      f.name for f in dataclasses.fields(cls) if f.init and f.name not in _FLAX_FIELDS
+  )
+
+
+def _lookup(name: str) -> type[nn.Module]:
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; accepted: {sorted(MODELS)}')
+  return MODELS[name]
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+  """Builds model `name` from keyword arguments.
+
+  Args:
+    name: a key of `MODELS`.
+    **kwargs: the model's fields.
+
+  Returns:
+    The (unbound) Flax module.
+
+  Raises:
+    ValueError: for an unknown model name, an unknown field or a missing one; the
+      message names the culprit and the accepted choices.
+  """
+  cls = _lookup(name)
+  accepted = model_fields(name)
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(
+        f'unexpected field(s) {", ".join(map(repr, unknown))} for model {name!r}; '
+        f'accepted: {", ".join(accepted)}'
+    )
+  try:
+    return cls(**kwargs)
+  except TypeError as e:  # e.g. a missing required field
+    raise ValueError(f'cannot build model {name!r}: {e}; accepted fields: {", ".join(accepted)}') from e
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+__all__ = ['MODELS', 'AutoencoderKL', 'UNet', 'count_params', 'get_model', 'model_fields']

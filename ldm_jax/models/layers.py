@@ -1,0 +1,370 @@
+"""Building blocks shared by the autoencoder and the U-Net.
+
+Submodule names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `to_q`, ...,
+`down_blocks_{i}/resnets_{j}`) so that pretrained PyTorch weights map onto these
+modules by renaming alone. All modules take NHWC inputs.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps.
+
+  Matches diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos=True,
+  downscale_freq_shift=0)`: frequencies `max_period ** (-k / half)` for
+  `k = 0 .. half - 1`, output `[cos(t * freqs), sin(t * freqs)]`.
+
+  Args:
+    t: timesteps, [B], any real values.
+    dim: embedding width; an odd width gets a trailing zero column.
+    max_period: controls the lowest frequency, `1 / max_period ** ((half - 1) / half)`.
+
+  Returns:
+    [B, dim] float32 embedding.
+  """
+  if dim < 2:
+    raise ValueError(f'timestep embedding dim must be >= 2, got {dim}')
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim != 1:
+    raise ValueError(f'timesteps must have shape [B], got {t.shape}')
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  args = t[:, None] * freqs[None, :]  # [B, half]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)  # [B, 2 * half]
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(channels: int, num_groups: int, epsilon: float, name: str) -> nn.GroupNorm:
+  """Creates a GroupNorm after checking that `channels` splits into `num_groups`.
+
+  Flax's own error for a bad split does not say which layer failed; this one names
+  the layer and the numbers so that a bad config is easy to fix.
+
+  Args:
+    channels: number of channels the norm will see.
+    num_groups: number of groups.
+    epsilon: added to the variance.
+    name: submodule name; must be called inside a compact method.
+
+  Returns:
+    An unbound `nn.GroupNorm` registered under `name` in the calling module.
+  """
+  if num_groups <= 0 or channels % num_groups:
+    raise ValueError(
+        f'GroupNorm {name!r}: {channels} channels are not divisible by '
+        f'norm_num_groups={num_groups}'
+    )
+  # Two-pass variance: E[x^2] - E[x]^2 loses precision for large activations.
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, use_fast_variance=False, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """Pre-activation residual block with an optional additive time embedding.
+
+  GroupNorm -> SiLU -> Conv3x3 -> (+ Dense(SiLU(temb)) per channel) -> GroupNorm ->
+  SiLU -> Dropout -> Conv3x3, plus a 1x1 conv on the shortcut when channels change.
+
+  Attributes:
+    out_channels: output channels.
+    norm_num_groups: GroupNorm groups (must divide input and output channels).
+    norm_eps: GroupNorm epsilon.
+    dropout: dropout rate before the second conv (active only with `train=True`).
+  """
+
+  out_channels: int
+  norm_num_groups: int
+  norm_eps: float
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in].
+      temb: [B, D] time (and class) embedding, or None for blocks without one.
+      train: enables dropout (needs the 'dropout' rng collection).
+
+    Returns:
+      [B, H, W, out_channels].
+    """
+    in_channels = x.shape[-1]
+    h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1')(x)
+    h = nn.silu(h)
+    h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv1')(h)  # [B, H, W, C_out]
+    if temb is not None:
+      # SiLU before the projection as in diffusers and ADM: the embedding MLP ends in
+      # a linear layer, so without it each block would only see a linear map of it.
+      proj = nn.Dense(self.out_channels, name='time_emb_proj')(nn.silu(temb))  # [B, C_out]
+      h = h + proj[:, None, None, :]
+    h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2')(h)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv2')(h)
+    if in_channels != self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), name='conv_shortcut')(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the H*W spatial tokens, with a residual add.
+
+  Exactly one of `num_heads` and `head_dim` must be set; with `head_dim` the number
+  of heads is `C // head_dim` (the diffusers VAE uses `head_dim = C`, one head).
+
+  Attributes:
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    num_heads: number of attention heads.
+    head_dim: channels per head.
+  """
+
+  norm_num_groups: int
+  norm_eps: float
+  num_heads: int | None = None
+  head_dim: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies attention.
+
+    Args:
+      x: [B, H, W, C].
+
+    Returns:
+      [B, H, W, C].
+    """
+    b, height, width, c = x.shape
+    if (self.num_heads is None) == (self.head_dim is None):
+      raise ValueError(
+          f'AttentionBlock needs exactly one of num_heads / head_dim, got '
+          f'num_heads={self.num_heads}, head_dim={self.head_dim}'
+      )
+    if self.num_heads is not None:
+      num_heads = self.num_heads
+    else:
+      num_heads = c // self.head_dim if self.head_dim > 0 else 0
+    if num_heads <= 0 or c % num_heads:
+      raise ValueError(
+          f'AttentionBlock: {c} channels are not divisible into {num_heads} heads '
+          f'(num_heads={self.num_heads}, head_dim={self.head_dim})'
+      )
+    head_dim = c // num_heads
+
+    h = group_norm(c, self.norm_num_groups, self.norm_eps, 'group_norm')(x)
+    h = h.reshape(b, height * width, c)  # [B, T, C]
+    q = nn.Dense(c, name='to_q')(h).reshape(b, height * width, num_heads, head_dim)  # [B, T, N, D]
+    k = nn.Dense(c, name='to_k')(h).reshape(b, height * width, num_heads, head_dim)
+    v = nn.Dense(c, name='to_v')(h).reshape(b, height * width, num_heads, head_dim)
+    # Scale 1/sqrt(D); the XLA implementation computes the softmax in float32.
+    out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, D]
+    out = nn.Dense(c, name='to_out')(out.reshape(b, height * width, c))  # [B, T, C]
+    return x + out.reshape(b, height, width, c)
+
+
+class Downsample(nn.Module):
+  """Halves H and W with a stride-2 3x3 conv.
+
+  Attributes:
+    out_channels: output channels.
+    asymmetric_padding: pad only bottom/right by one and convolve without padding,
+      as the diffusers VAE does; otherwise pad one on every side. For even H both
+      give H / 2 but sample different pixels, so pretrained VAE weights need the
+      asymmetric form.
+  """
+
+  out_channels: int
+  asymmetric_padding: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Downsamples x: [B, H, W, C] -> [B, H/2, W/2, out_channels]."""
+    if self.asymmetric_padding:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+      padding = 0
+    else:
+      padding = 1
+    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=padding, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then a 3x3 conv.
+
+  Attributes:
+    out_channels: output channels.
+  """
+
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, out_channels]."""
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+    return nn.Conv(self.out_channels, (3, 3), padding=1, name='conv')(x)
+
+
+class TimestepEmbedding(nn.Module):
+  """Two-layer MLP on the sinusoidal timestep embedding (diffusers names).
+
+  Attributes:
+    features: output width (and hidden width).
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    """Maps [B, D_in] -> [B, features]."""
+    emb = nn.Dense(self.features, name='linear_1')(emb)
+    return nn.Dense(self.features, name='linear_2')(nn.silu(emb))
+
+
+class DownBlock(nn.Module):
+  """`num_layers` ResnetBlocks (each optionally followed by attention) + a Downsample.
+
+  Attributes:
+    out_channels: channels of every layer in the block.
+    num_layers: number of ResnetBlocks.
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    attention_heads: heads of an AttentionBlock after each ResnetBlock; None for none.
+    add_downsample: end with a stride-2 Downsample.
+    asymmetric_padding: Downsample padding style (see `Downsample`).
+    dropout: ResnetBlock dropout rate.
+  """
+
+  out_channels: int
+  num_layers: int
+  norm_num_groups: int
+  norm_eps: float
+  attention_heads: int | None = None
+  add_downsample: bool = True
+  asymmetric_padding: bool = False
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False
+  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in].
+      temb: [B, D] or None.
+      train: enables dropout.
+
+    Returns:
+      The output [B, H', W', out_channels] (H' = H/2 with a Downsample) and the
+      skip features: the output of every layer, then of the Downsample.
+    """
+    skips = []
+    for j in range(self.num_layers):
+      x = ResnetBlock(
+          self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
+      )(x, temb, train=train)
+      if self.attention_heads is not None:
+        x = AttentionBlock(
+            self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name=f'attentions_{j}'
+        )(x)
+      skips.append(x)
+    if self.add_downsample:
+      x = Downsample(self.out_channels, self.asymmetric_padding, name='downsamplers_0')(x)
+      skips.append(x)
+    return x, tuple(skips)
+
+
+class MidBlock(nn.Module):
+  """ResnetBlock -> (AttentionBlock) -> ResnetBlock at constant channels.
+
+  Attributes:
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    attention_heads: heads of the middle attention; None to leave it out.
+    dropout: ResnetBlock dropout rate.
+  """
+
+  norm_num_groups: int
+  norm_eps: float
+  attention_heads: int | None = 1
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    """Maps [B, H, W, C] -> [B, H, W, C]."""
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_0')(
+        x, temb, train=train
+    )
+    if self.attention_heads is not None:
+      x = AttentionBlock(
+          self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name='attentions_0'
+      )(x)
+    return ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_1')(
+        x, temb, train=train
+    )
+
+
+class UpBlock(nn.Module):
+  """`num_layers` ResnetBlocks (optionally on skip-concatenated inputs) + an Upsample.
+
+  Attributes:
+    out_channels: channels of every layer in the block.
+    num_layers: number of ResnetBlocks.
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    attention_heads: heads of an AttentionBlock after each ResnetBlock; None for none.
+    add_upsample: end with a nearest x2 Upsample.
+    dropout: ResnetBlock dropout rate.
+  """
+
+  out_channels: int
+  num_layers: int
+  norm_num_groups: int
+  norm_eps: float
+  attention_heads: int | None = None
+  add_upsample: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      skips: Sequence[jax.Array] | None = None,
+      temb: jax.Array | None = None,
+      *,
+      train: bool = False,
+  ) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in].
+      skips: None (autoencoder decoder) or exactly `num_layers` skip features
+        [B, H, W, C_j], consumed last-first: layer j is fed concat(x, skips[-1 - j]).
+      temb: [B, D] or None.
+      train: enables dropout.
+
+    Returns:
+      [B, H', W', out_channels], H' = 2H with an Upsample.
+    """
+    if skips is not None and len(skips) != self.num_layers:
+      raise ValueError(f'UpBlock expects {self.num_layers} skip features, got {len(skips)}')
+    for j in range(self.num_layers):
+      if skips is not None:
+        x = jnp.concatenate([x, skips[-1 - j]], axis=-1)  # [B, H, W, C + C_skip]
+      x = ResnetBlock(
+          self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
+      )(x, temb, train=train)
+      if self.attention_heads is not None:
+        x = AttentionBlock(
+            self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name=f'attentions_{j}'
+        )(x)
+    if self.add_upsample:
+      x = Upsample(self.out_channels, name='upsamplers_0')(x)
+    return x

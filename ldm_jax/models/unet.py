@@ -1,0 +1,159 @@
+"""Denoising U-Net for latents (DDPM / ADM layout, diffusers `UNet2DModel` names)."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.layers import (
+    DownBlock,
+    MidBlock,
+    TimestepEmbedding,
+    UpBlock,
+    group_norm,
+    timestep_embedding,
+)
+
+
+class UNet(nn.Module):
+  """Time- and optionally class-conditional U-Net.
+
+  Level i has `base_channels * channel_mult[i]` channels and runs at resolution
+  `H / 2**i`. Skip features are the conv_in output and the output of every down
+  ResnetBlock / attention and Downsample; each up level has one more ResnetBlock
+  than a down level so that every skip is consumed.
+
+  Attributes:
+    out_channels: channels of the prediction (eps, x0 or v: the latent channels).
+    base_channels: channels at the first level; also the sinusoidal embedding width.
+    channel_mult: channel multiplier per level, highest resolution first.
+    num_res_blocks: ResnetBlocks per down level (up levels: one more).
+    attention_resolutions: feature-map heights (e.g. 16 for 16x16) at which each
+      ResnetBlock is followed by self-attention; decided from the input at call time.
+    num_heads: attention heads (must divide the channels where attention is used).
+    head_dim: > 0 uses heads of this width instead (`channels // head_dim` heads,
+      so wider levels get more heads); 0 uses `num_heads` everywhere.
+    dropout: ResnetBlock dropout rate, active only with `train=True`.
+    num_classes: 0 for an unconditional model (labels are then ignored); otherwise
+      the label embedding has `num_classes + 1` rows, the last (index
+      `num_classes`) being the learned null class used for classifier-free guidance.
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    time_embed_dim: width of the time embedding; None means `4 * base_channels`.
+    mid_attention: self-attention in the middle block.
+  """
+
+  out_channels: int
+  base_channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: Sequence[int] = (16,)
+  num_heads: int = 4
+  head_dim: int = 0
+  dropout: float = 0.0
+  num_classes: int = 0
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  time_embed_dim: int | None = None
+  mid_attention: bool = True
+
+  @property
+  def null_class(self) -> int:
+    """Label index of the unconditional (null) class."""
+    return self.num_classes
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False
+  ) -> jax.Array:
+    """Predicts the denoising target.
+
+    Args:
+      x: [B, H, W, C] noisy latents; H, W divisible by 2**(len(channel_mult) - 1).
+      t: [B] (or scalar) float timestep indices; fractional values are fine.
+      y: [B] int32 labels in [0, num_classes], or None for the null class; ignored
+        by an unconditional model (as in diffusers), so callers need not branch.
+      train: enables dropout (needs the 'dropout' rng collection).
+
+    Returns:
+      [B, H, W, out_channels]; exactly zero at initialisation.
+    """
+    if not self.channel_mult:
+      raise ValueError('channel_mult must name at least one level')
+    if x.ndim != 4:
+      raise ValueError(f'UNet expects x of shape [B, H, W, C], got {x.shape}')
+    batch, height, width, _ = x.shape
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+          f'UNet input size {height}x{width} is not divisible by {factor} = '
+          f'2**(len(channel_mult) - 1) with channel_mult={tuple(self.channel_mult)}'
+      )
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))  # [B]
+
+    time_embed_dim = self.time_embed_dim or 4 * self.base_channels
+    temb = timestep_embedding(t, self.base_channels)  # [B, base]
+    temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
+    if self.num_classes > 0:
+      if y is None:
+        y = jnp.full((batch,), self.null_class, jnp.int32)
+      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, name='class_embedding')(y)
+
+    def heads(channels: int) -> int:
+      if self.head_dim <= 0:
+        return self.num_heads
+      if channels % self.head_dim:
+        raise ValueError(f'UNet: {channels} channels are not divisible by head_dim={self.head_dim}')
+      return channels // self.head_dim
+
+    def heads_at(resolution: int, channels: int) -> int | None:
+      return heads(channels) if resolution in self.attention_resolutions else None
+
+    common = dict(
+        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout
+    )
+    num_levels = len(self.channel_mult)
+
+    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, name='conv_in')(x)
+    skips = [h]
+    for i, mult in enumerate(self.channel_mult):
+      h, block_skips = DownBlock(
+          out_channels=self.base_channels * mult,
+          num_layers=self.num_res_blocks,
+          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          add_downsample=i < num_levels - 1,
+          name=f'down_blocks_{i}',
+          **common,
+      )(h, temb, train=train)
+      skips.extend(block_skips)
+
+    h = MidBlock(
+        attention_heads=heads(h.shape[-1]) if self.mid_attention else None, name='mid_block', **common
+    )(h, temb, train=train)
+
+    num_up_layers = self.num_res_blocks + 1
+    for i, mult in enumerate(reversed(self.channel_mult)):
+      block_skips, skips = skips[-num_up_layers:], skips[:-num_up_layers]
+      h = UpBlock(
+          out_channels=self.base_channels * mult,
+          num_layers=num_up_layers,
+          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          add_upsample=i < num_levels - 1,
+          name=f'up_blocks_{i}',
+          **common,
+      )(h, block_skips, temb, train=train)
+    assert not skips, 'every skip feature is consumed by the up path'
+
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = nn.silu(h)
+    # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
+    # keeps the first steps stable (Dhariwal & Nichol 2021).
+    return nn.Conv(
+        self.out_channels,
+        (3, 3),
+        padding=1,
+        kernel_init=nn.initializers.zeros_init(),
+        bias_init=nn.initializers.zeros_init(),
+        name='conv_out',
+    )(h)
