@@ -3,9 +3,40 @@
 The flag must be set before JAX initializes its backends, hence at import time here.
 """
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Compiling is most of the suite's time on CPU: tests (and the subprocesses they
+# start, which inherit this environment) share compiled programs through one cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'ldm_jax_test_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir with the embedded `digits` dataset prepared once per session."""
+  import tensorflow_datasets as tfds
+
+  import ldm_jax.datasets  # noqa: F401  (registers `digits`)
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('digits', data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture
+def tiny_config(digits_data_dir):
+  """configs/tiny.py reading the session's prepared digits."""
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.data.data_dir = digits_data_dir
+  return config

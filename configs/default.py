@@ -1,0 +1,96 @@
+"""Two-stage latent diffusion on the embedded `digits` data; minutes on a laptop CPU.
+
+    python -m ldm_jax.main --config=configs/default.py --workdir=runs/default
+
+Stage 1 learns a KL autoencoder 32x32x1 -> 8x8x4 (f=4); stage 2 learns a
+class-conditional U-Net on those latents. Every field below may be overridden from
+the command line, e.g. `--config.diffusion.schedule=cosine`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order, diffusion noise and sampling.
+
+  config.data = dict(
+      name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...
+      data_dir='',            # TFDS data dir; '' = TFDS default (~/tensorflow_datasets).
+      image_size=32,          # Images are resized (and center-cropped) to this square.
+      num_channels=1,         # 1 = grayscale, 3 = RGB; converted in the pipeline.
+      batch_size=64,          # Global batch over all devices and hosts.
+      train_split='train',
+      eval_split='test',
+      shuffle_buffer=2_000,
+      random_flip=False,      # Horizontal flips would turn digits into mirror images.
+      image_key='image',
+      label_key='label',      # '' for datasets without labels.
+  )
+
+  # Stage 1: KL-regularized autoencoder (same block structure as the SD VAE).
+  config.autoencoder = dict(
+      workdir='',             # Reuse stage 1 of another run (its WORKDIR) instead of training.
+      model=dict(
+          name='autoencoder_kl',
+          block_out_channels=(16, 32, 32),  # Downsampling factor 2**(len - 1) = 4.
+          layers_per_block=1,
+          latent_channels=4,
+          norm_num_groups=8,
+          mid_block_attention=True,
+      ),
+      kl_weight=1e-6,         # LDM's KL-reg weight: latents stay close to identity-scaled.
+      reconstruction_loss='l1',
+      num_train_steps=500,
+      ema_decay=0.0,          # 0 = use the raw parameters.
+      optim=dict(
+          learning_rate=2e-3, warmup_steps=100, lr_schedule='cosine', end_lr_factor=0.05,
+          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
+      ),
+  )
+
+  # Stage 2: denoising U-Net on latents.
+  config.diffusion = dict(
+      model=dict(
+          name='unet',
+          base_channels=32,
+          channel_mult=(1, 2),
+          num_res_blocks=2,
+          attention_resolutions=(4,),   # Feature-map sizes with self-attention.
+          num_heads=4,
+          head_dim=0,                   # > 0: heads of this width instead of num_heads.
+          dropout=0.0,
+          norm_num_groups=16,
+      ),
+      class_conditional=True,  # Condition on dataset labels (a learned embedding).
+      schedule='linear',       # linear | scaled_linear | cosine
+      beta_start=0.0,          # 0 = the schedule's own default (linear: 1e-4, scaled_linear: 8.5e-4).
+      beta_end=0.0,            # 0 = the schedule's own default (linear: 0.02, scaled_linear: 0.012).
+      num_timesteps=1_000,
+      prediction_type='eps',   # eps | x0 | v
+      loss_weighting='uniform',
+      scale_factor=0.0,        # 0 = 1/std of the first batch of latents (SD uses 0.18215).
+      num_train_steps=2_500,
+      ema_decay=0.999,
+      optim=dict(
+          learning_rate=1e-3, warmup_steps=200, lr_schedule='cosine', end_lr_factor=0.05,
+          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
+      ),
+  )
+
+  config.train = dict(
+      log_every=100,           # Scalars to TensorBoard, NaN check.
+      checkpoint_every=500,  # Also saved at the end of each stage.
+      keep_checkpoints=2,
+      image_every=0,           # Reconstruction / sample images to TensorBoard; 0 = at the end.
+  )
+
+  config.sample = dict(
+      method='ddim',           # ddpm | ddim
+      num_steps=50,
+      eta=0.0,
+      timestep_spacing='leading',
+      num_samples=100,
+      batch_size=100,          # Samples per jitted call (rounded to the device count).
+      seed=0,
+  )
+  return config

@@ -1,0 +1,56 @@
+"""Config -> objects: models, latent shape, noise schedule, number of classes.
+
+Models never read the config; these functions pick the fields they need and pass
+them as keyword arguments (plus values derived from data, like channel counts).
+"""
+import ml_collections
+from flax import linen as nn
+
+from ldm_jax import diffusion, input_pipeline, models
+from ldm_jax.errors import UserError
+
+
+def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
+  """The stage-1 model named by `config.autoencoder.model`."""
+  return _build('autoencoder', config.autoencoder.model,
+                out_channels=config.data.num_channels)
+
+
+def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The stage-2 model; `num_classes` > 0 adds a label embedding."""
+  return _build('diffusion', config.diffusion.model,
+                out_channels=config.autoencoder.model.latent_channels,
+                num_classes=num_classes)
+
+
+def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn.Module:
+  kwargs = {k: v for k, v in model_config.items() if k != 'name'}
+  try:
+    return models.get_model(model_config.name, **kwargs, **derived)
+  except ValueError as e:
+    raise UserError(f'config.{stage}.model: {e}') from e
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[h, w, c] of the latents for the configured image size and autoencoder."""
+  factor = 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+  size = config.data.image_size // factor
+  return size, size, config.autoencoder.model.latent_channels
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+  """The noise schedule; beta_start/beta_end of 0 keep the schedule's own defaults."""
+  c = config.diffusion
+  return diffusion.make_schedule(c.schedule, c.num_timesteps,
+                                 beta_start=c.beta_start or None, beta_end=c.beta_end or None)
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """Label count for a class-conditional U-Net, 0 when unconditional."""
+  if not config.diffusion.class_conditional:
+    return 0
+  count = input_pipeline.dataset_info(config.data).num_classes
+  if not count:
+    raise UserError(f'config.diffusion.class_conditional=True but dataset '
+                    f'{config.data.name!r} has no labels; accepted: False for this dataset')
+  return count

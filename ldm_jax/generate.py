@@ -1,0 +1,108 @@
+"""From noise to images: the jitted sample-and-decode function and image outputs."""
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from ldm_jax import builders, diffusion, input_pipeline, sampling, sharding
+
+
+def generate_images(unet_params, ae_params, scale_factor: jax.Array, labels: jax.Array,
+                    rng: jax.Array, schedule: diffusion.Schedule, *, unet: nn.Module,
+                    autoencoder: nn.Module, sample_config: ml_collections.ConfigDict,
+                    prediction_type: str, latent_shape: tuple[int, int, int],
+                    class_conditional: bool) -> jax.Array:
+  """Samples latents with the configured sampler and decodes them.
+
+  Args:
+    labels: [B] int32 class labels (ignored when not class-conditional).
+  Returns:
+    [B, H, W, C] images in [-1, 1].
+  """
+  y = labels if class_conditional else None
+  model_fn = lambda x, t: unet.apply({'params': unet_params}, x, t, y)
+  latents = sampling.sample(
+      model_fn, schedule, (labels.shape[0], *latent_shape), rng,
+      method=sample_config.method, num_steps=sample_config.num_steps, eta=sample_config.eta,
+      prediction_type=prediction_type, timestep_spacing=sample_config.timestep_spacing)
+  images = autoencoder.apply({'params': ae_params}, latents / scale_factor,
+                             method=autoencoder.decode)
+  return jnp.clip(images, -1.0, 1.0)
+
+
+class Sampler:
+  """Compiles `generate_images` once for a config and mesh; generates in batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, unet: nn.Module,
+               autoencoder: nn.Module, num_classes: int):
+    num_devices = mesh.shape[sharding.DATA_AXIS]
+    # Round up so every batch splits evenly over the devices.
+    self.batch_size = -(-config.sample.batch_size // num_devices) * num_devices
+    self.num_classes = num_classes
+    self.seed = config.sample.seed
+    self.schedule = builders.make_schedule(config)
+    replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    self._mesh = mesh
+    self._fn = jax.jit(
+        functools.partial(generate_images, unet=unet, autoencoder=autoencoder,
+                          sample_config=config.sample,
+                          prediction_type=config.diffusion.prediction_type,
+                          latent_shape=builders.latent_shape(config),
+                          class_conditional=num_classes > 0),
+        in_shardings=(replicated, replicated, replicated, data, replicated, replicated),
+        out_shardings=data)
+
+  def labels(self, num_samples: int) -> np.ndarray:
+    """Class i % num_classes for sample i, so a grid with num_classes columns shows one class per column."""
+    return (np.arange(num_samples) % max(self.num_classes, 1)).astype(np.int32)
+
+  def generate(self, unet_params, ae_params, scale_factor,
+               num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`num_samples` uint8 images [N, H, W, C] (on every host) and their labels."""
+    labels = self.labels(num_samples)
+    padded = np.resize(labels, -(-num_samples // self.batch_size) * self.batch_size)
+    base_rng = jax.random.PRNGKey(self.seed)
+    outputs = []
+    for i in range(0, len(padded), self.batch_size):
+      batch_labels = jax.device_put(padded[i:i + self.batch_size],
+                                    sharding.data_sharding(self._mesh))
+      images = self._fn(unet_params, ae_params, scale_factor, batch_labels,
+                        jax.random.fold_in(base_rng, i // self.batch_size), self.schedule)
+      outputs.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
+    images = input_pipeline.postprocess(np.concatenate(outputs)[:num_samples])
+    return images, (labels if self.num_classes else None)
+
+  def grid(self, images: np.ndarray) -> np.ndarray:
+    ncols = self.num_classes or math.ceil(math.sqrt(len(images)))
+    return make_grid(images, ncols=min(ncols, len(images)))
+
+
+def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
+  """Tiles uint8 [N, H, W, C] images into one [rows*(H+pad)+pad, ..., C] image."""
+  n, h, w, c = images.shape
+  nrows = -(-n // ncols)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return grid
+
+
+def write_samples(directory: str, step: int, grid: np.ndarray, images: np.ndarray,
+                  labels: np.ndarray | None) -> tuple[str, str]:
+  """Writes `grid_<step>.png` and `samples_<step>.npz` (`images`, and `labels` if any)."""
+  os.makedirs(directory, exist_ok=True)
+  png = os.path.join(directory, f'grid_{step}.png')
+  npz = os.path.join(directory, f'samples_{step}.npz')
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
+  arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
+  np.savez_compressed(npz, **arrays)
+  return png, npz

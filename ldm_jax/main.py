@@ -1,0 +1,69 @@
+"""Entry point: `python -m ldm_jax.main --config=configs/default.py --workdir=DIR`.
+
+Rerunning the same command resumes from the latest checkpoints.
+"""
+import logging as logging_std
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ldm_jax import modes
+from ldm_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'],
+                  'train: stage 1, stage 2, then samples. sample: samples from the latest '
+                  'checkpoint.')
+flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
+                     '(default: config.sample.num_samples).')
+config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+MODES = {
+    'train': lambda config, workdir: modes.train_mode(config, workdir),
+    'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
+}
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that ends a bad flag or config override with one line, not a traceback."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config  # Loads the config file now, so a missing or broken one fails here.
+  except flags.Error as e:
+    cause = e.__cause__ or e.__context__ or e
+    sys.exit(f'error: {_one_line(e)}' if isinstance(e, flags.IllegalFlagValueError) and
+             cause is e else f'error: {_one_line(e)}; cause: {_one_line(cause)}'
+             if cause is not e else f'error: {_one_line(e)}')
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    sys.exit(f'error: bad --config: {_one_line(e)}')
+  return remaining
+
+
+def _quiet_libraries(record: logging_std.LogRecord) -> bool:
+  # Our INFO lines tell the story; the libraries' INFO chatter (orbax, TFDS) drowns it.
+  return record.levelno > logging_std.INFO or not any(
+      f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
+  try:
+    MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    sys.exit(f'error: {_one_line(e)}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

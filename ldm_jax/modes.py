@@ -1,0 +1,80 @@
+"""What `--mode` runs: each mode is one function of (config, workdir)."""
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from ldm_jax import builders, checkpointing, generate, sharding, train
+from ldm_jax.errors import UserError
+from ldm_jax.validation import validate_config
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` or stops with one line when it cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
+                   num_classes: int, num_samples: int, writer=None) -> None:
+  sampler = generate.Sampler(config, mesh, unet, autoencoder, num_classes)
+  images, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+                                    num_samples=num_samples)
+  step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    grid = sampler.grid(images)
+    png, npz = generate.write_samples(os.path.join(workdir, 'samples'), step, grid,
+                                      images, labels)
+    print(f'samples: {png} and {npz}')
+    if writer is not None:
+      writer.image('diffusion/samples', grid, step)
+      writer.flush()
+
+
+def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
+  validate_config(config)
+  _prepare_workdir(workdir)
+  _save_config(config, workdir)
+  mesh = sharding.make_mesh()
+  logging.info('devices: %d (%s), processes: %d', jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
+  autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
+  unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
+  writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
+  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
+                 builders.num_classes(config), config.sample.num_samples, writer)
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str,
+                num_samples: int | None = None) -> None:
+  """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
+  validate_config(config)
+  mesh = sharding.make_mesh()
+  ckpt_dir = os.path.join(workdir, 'diffusion', 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
+  unet, _, _, abstract, num_classes = train.diffusion_setup(config, mesh)
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
+                                       read_only=True)
+  if manager.latest_step() is None:
+    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
+  state = checkpointing.restore(manager, abstract)
+  autoencoder, ae_params = train.restore_autoencoder(config, workdir, mesh)
+  _prepare_workdir(workdir)
+  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_classes,
+                 num_samples or config.sample.num_samples)

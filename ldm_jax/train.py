@@ -1,0 +1,366 @@
+"""The two training stages: jitted train steps and the loop with periodic actions.
+
+Stage 1 (`autoencoder`) learns the KL autoencoder on images; stage 2 (`diffusion`)
+learns a U-Net that denoises latents of the frozen stage-1 encoder. Both stages
+share one loop (`_run_stage`): progress bar, TensorBoard, NaN check, checkpoints.
+Rerunning the same command resumes each stage from its latest checkpoint and skips
+a finished one.
+"""
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax import linen as nn
+from flax.metrics import tensorboard
+
+from ldm_jax import builders, checkpointing, diffusion, generate, input_pipeline, losses
+from ldm_jax import models, optim, sharding
+from ldm_jax.errors import UserError
+from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------- models ----
+
+
+def init_autoencoder_state(config: ml_collections.ConfigDict, model: nn.Module,
+                           tx: optax.GradientTransformation) -> TrainState:
+  rng_params, rng_state = jax.random.split(jax.random.PRNGKey(config.seed))
+  size, channels = config.data.image_size, config.data.num_channels
+  params = model.init(rng_params, jnp.zeros((1, size, size, channels)))['params']
+  return create_train_state(params, tx, rng_state)
+
+
+def init_diffusion_state(config: ml_collections.ConfigDict, model: nn.Module,
+                         tx: optax.GradientTransformation,
+                         scale_factor: float | jax.Array) -> DiffusionTrainState:
+  # A different stream than stage 1, still determined by config.seed.
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+  rng_params, rng_state = jax.random.split(rng)
+  x = jnp.zeros((1, *builders.latent_shape(config)))
+  t = jnp.zeros((1,), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32)
+  params = model.init(rng_params, x, t, y)['params']
+  return create_train_state(params, tx, rng_state, DiffusionTrainState,
+                            scale_factor=jnp.asarray(scale_factor, jnp.float32))
+
+
+# ----------------------------------------------------------- train steps ----
+
+
+def autoencoder_train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+                           config: ml_collections.ConfigDict,
+                           lr_schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
+  """One AdamW step on reconstruction + kl_weight · KL. `config` is `config.autoencoder`."""
+  rng = jax.random.fold_in(state.rng, state.step)  # Resume-safe randomness.
+  images = batch['image']  # [B, H, W, C] in [-1, 1]
+
+  def loss_fn(params):
+    reconstruction, mean, logvar = model.apply({'params': params}, images, rng)
+    return losses.autoencoder_loss(reconstruction, images, mean, logvar,
+                                   kl_weight=config.kl_weight,
+                                   reconstruction_loss=config.reconstruction_loss)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {**metrics, 'grad_norm': optax.global_norm(grads), 'lr': lr_schedule(state.step)}
+  return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
+
+
+def encode_latents(ae_params, images: jax.Array, rng: jax.Array, *,
+                   autoencoder: nn.Module) -> jax.Array:
+  """A draw from the frozen encoder's posterior N(mean, exp(logvar)), unscaled."""
+  mean, logvar = autoencoder.apply({'params': ae_params}, images, method=autoencoder.encode)
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+
+
+def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
+                         schedule: diffusion.Schedule, *, autoencoder: nn.Module,
+                         unet: nn.Module, config: ml_collections.ConfigDict,
+                         lr_schedule: optax.Schedule) -> tuple[DiffusionTrainState, Metrics]:
+  """One step of the latent diffusion loss. `config` is `config.diffusion`."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  rng_z, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 4)
+  latents = encode_latents(ae_params, batch['image'], rng_z, autoencoder=autoencoder)
+  z0 = jax.lax.stop_gradient(latents * state.scale_factor)  # [B, h, w, c]
+  t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(rng_noise, z0.shape)
+  x_t = diffusion.q_sample(schedule, z0, t, noise)
+  target = diffusion.training_target(schedule, z0, noise, t, config.prediction_type)
+  weights = losses.loss_weighting(schedule, t, config.loss_weighting,
+                                  prediction_type=config.prediction_type)
+  labels = batch['label'] if config.class_conditional else None
+
+  def loss_fn(params):
+    output = unet.apply({'params': params}, x_t, t.astype(jnp.float32), labels, train=True,
+                        rngs={'dropout': rng_dropout})
+    loss, _ = losses.diffusion_loss(output, target, weights)
+    return loss
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'lr': lr_schedule(state.step)}
+  return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
+
+
+# ------------------------------------------------------------------ loop ----
+
+
+def _stage_dirs(workdir: str, stage: str) -> tuple[str, str]:
+  return os.path.join(workdir, stage, 'checkpoints'), os.path.join(workdir, stage, 'tensorboard')
+
+
+def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int) -> Iterator[Batch]:
+  # The seed moves with the start step so a resumed run does not replay the
+  # batches it already trained on.
+  ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True,
+                                     seed=config.seed + start_step)
+  for batch in ds.as_numpy_iterator():
+    yield sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+
+
+def _check_finite(stage: str, step: int, metrics: dict[str, float],
+                  manager) -> None:
+  if not np.isfinite(metrics['loss']):
+    kept = manager.latest_step()
+    raise UserError(f'{stage}: loss is {metrics["loss"]} at step {step}; stopped without '
+                    f'saving (last good checkpoint: step {kept})')
+
+
+def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterator[Batch],
+               *, num_train_steps: int, manager, writer, config: ml_collections.ConfigDict,
+               on_images: Callable[[TrainState], None] | None = None) -> TrainState:
+  """Steps `state` to `num_train_steps` with logging, checkpoints and image summaries."""
+  train_config = config.train
+  start = int(jax.device_get(state.step))
+  is_main = jax.process_index() == 0
+  history: list[Metrics] = []
+  last_time, last_step = time.perf_counter(), start
+  with tqdm.tqdm(total=num_train_steps, initial=start, desc=stage, unit='step',
+                 disable=not is_main, dynamic_ncols=True, mininterval=1.0) as bar:
+    for step in range(start + 1, num_train_steps + 1):
+      state, metrics = step_fn(state, next(batches))
+      history.append(metrics)
+      bar.update(1)
+      final = step == num_train_steps
+      save_now = step % train_config.checkpoint_every == 0 or final
+      if step % train_config.log_every == 0 or save_now:
+        summary = {k: float(np.mean(v)) for k, v in
+                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        history = []
+        _check_finite(stage, step, summary, manager)
+        now = time.perf_counter()
+        summary['steps_per_sec'] = (step - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, step
+        bar.set_postfix(loss=f'{summary["loss"]:.4f}')
+        if writer is not None:
+          for name, value in summary.items():
+            writer.scalar(f'train/{name}', value, step)
+          writer.flush()
+      if save_now:
+        checkpointing.save(manager, state)
+      if on_images and is_main and (
+          (train_config.image_every and step % train_config.image_every == 0) or final):
+        on_images(state)
+  manager.wait_until_finished()
+  return state
+
+
+def summary_writer(log_dir: str):
+  if jax.process_index() == 0:
+    return tensorboard.SummaryWriter(log_dir)
+  return None
+
+
+def _log_param_count(stage: str, params) -> None:
+  logging.info('%s: %s parameters', stage, f'{models.count_params(params):,}')
+
+
+# ------------------------------------------------------------- stage 1 -----
+
+
+def autoencoder_checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Stage-1 checkpoints: this run's, or those of `config.autoencoder.workdir`."""
+  if config.autoencoder.workdir:
+    directory = _stage_dirs(config.autoencoder.workdir, 'autoencoder')[0]
+    if not os.path.isdir(directory):
+      raise UserError(f'config.autoencoder.workdir={config.autoencoder.workdir!r} has no '
+                      f'autoencoder checkpoints ({directory} not found)')
+    return directory
+  return _stage_dirs(workdir, 'autoencoder')[0]
+
+
+def autoencoder_setup(config: ml_collections.ConfigDict, mesh):
+  """(model, optimizer, lr schedule, abstract state) of stage 1."""
+  model = builders.build_autoencoder(config)
+  tx, lr_schedule = optim.make_optimizer(config.autoencoder.optim,
+                                         config.autoencoder.num_train_steps)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(functools.partial(init_autoencoder_state, config, model, tx)),
+      sharding.replicated(mesh))
+  return model, tx, lr_schedule, abstract
+
+
+def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(model, params) of the trained stage 1, EMA params (== raw params when decay is 0)."""
+  model, _, _, abstract = autoencoder_setup(config, mesh)
+  manager = checkpointing.make_manager(autoencoder_checkpoint_dir(config, workdir),
+                                       keep=config.train.keep_checkpoints, read_only=True)
+  if manager.latest_step() is None:
+    raise UserError(f'no autoencoder checkpoint in {manager.directory}; '
+                    f'run --mode=train first')
+  return model, checkpointing.restore(manager, abstract).ema_params
+
+
+def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """Trains (or resumes, or skips when finished) stage 1; returns (model, params)."""
+  if config.autoencoder.workdir:
+    logging.info('autoencoder: using %s', config.autoencoder.workdir)
+    return restore_autoencoder(config, workdir, mesh)
+  ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
+  model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
+  init = jax.jit(functools.partial(init_autoencoder_state, config, model, tx),
+                 out_shardings=sharding.replicated(mesh))
+  state, restored = checkpointing.restore_or_init(manager, init, abstract)
+  _log_param_count('autoencoder', state.params)
+  num_steps = config.autoencoder.num_train_steps
+  if restored:
+    logging.info('autoencoder: resumed from step %d', int(state.step))
+  if int(state.step) >= num_steps:
+    logging.info('autoencoder: finished (step %d); skipping', int(state.step))
+    return model, state.ema_params
+
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
+                        lr_schedule=lr_schedule),
+      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  writer = summary_writer(log_dir)
+  eval_batches = _eval_batches(config, mesh)
+  reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
+                        in_shardings=(replicated, data), out_shardings=data)
+
+  def on_images(state):
+    images = eval_batches[0]['image'][:8]
+    pairs = jnp.concatenate([images, reconstruct(state.ema_params, eval_batches[0]['image'])[:8]])
+    writer.image('autoencoder/reconstructions',
+                 generate.make_grid(input_pipeline.postprocess(np.asarray(pairs)), ncols=8),
+                 int(state.step))
+
+  state = _run_stage('autoencoder', state, step_fn, _train_batches(config, mesh, int(state.step)),
+                     num_train_steps=num_steps, manager=manager, writer=writer, config=config,
+                     on_images=on_images)
+  psnr = reconstruction_psnr(reconstruct, state.ema_params, eval_batches)
+  logging.info('autoencoder: %s-split reconstruction PSNR %.2f dB', config.data.eval_split, psnr)
+  print(f'autoencoder: {config.data.eval_split}-split reconstruction PSNR {psnr:.2f} dB')
+  if writer:
+    writer.scalar(f'eval/psnr_{config.data.eval_split}', psnr, int(state.step))
+    writer.flush()
+  return model, state.ema_params
+
+
+def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[Batch]:
+  ds = input_pipeline.create_dataset(config.data, config.data.eval_split, train=False,
+                                     seed=config.seed)
+  return [sharding.global_batch(b, mesh) for b in ds.as_numpy_iterator()]
+
+
+def reconstruction_psnr(reconstruct: Callable, params, batches: list[Batch]) -> float:
+  """Mean PSNR (dB, data range 2) over the real (unpadded) examples of `batches`."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    values = losses.psnr(reconstruct(params, batch['image']), batch['image'])
+    mask = np.asarray(batch['mask'])
+    total += float(np.sum(np.asarray(values) * mask))
+    count += float(mask.sum())
+  return total / count
+
+
+# ------------------------------------------------------------- stage 2 -----
+
+
+def diffusion_setup(config: ml_collections.ConfigDict, mesh):
+  """(U-Net, optimizer, lr schedule, abstract state, num_classes) of stage 2."""
+  num_classes = builders.num_classes(config)
+  unet = builders.build_unet(config, num_classes)
+  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(functools.partial(init_diffusion_state, config, unet, tx, 1.0)),
+      sharding.replicated(mesh))
+  return unet, tx, lr_schedule, abstract, num_classes
+
+
+def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Module, ae_params,
+                         batch: Batch) -> float:
+  """`config.diffusion.scale_factor`, or 1/std of the latents of one training batch."""
+  if config.diffusion.scale_factor > 0:
+    return float(config.diffusion.scale_factor)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
+  latents = jax.jit(functools.partial(encode_latents, autoencoder=autoencoder))(
+      ae_params, batch['image'], rng)
+  return float(1.0 / jnp.std(latents))
+
+
+def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
+                    autoencoder: nn.Module, ae_params) -> tuple[nn.Module, DiffusionTrainState]:
+  """Trains (or resumes, or skips when finished) stage 2; returns (U-Net, state)."""
+  ckpt_dir, log_dir = _stage_dirs(workdir, 'diffusion')
+  unet, tx, lr_schedule, abstract, num_classes = diffusion_setup(config, mesh)
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  batches = None
+
+  def init():
+    nonlocal batches
+    batches = _train_batches(config, mesh, 0)
+    first = next(batches)
+    scale = compute_scale_factor(config, autoencoder, ae_params, first)
+    logging.info('diffusion: scale_factor %.5f', scale)
+    init_fn = functools.partial(init_diffusion_state, config, unet, tx)
+    return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(scale)
+
+  state, restored = checkpointing.restore_or_init(manager, init, abstract)
+  _log_param_count('diffusion', state.params)
+  num_steps = config.diffusion.num_train_steps
+  if restored:
+    logging.info('diffusion: resumed from step %d', int(state.step))
+  if int(state.step) >= num_steps:
+    logging.info('diffusion: finished (step %d); skipping', int(state.step))
+    return unet, state
+
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(diffusion_train_step, autoencoder=autoencoder, unet=unet,
+                        config=config.diffusion, lr_schedule=lr_schedule),
+      in_shardings=(replicated, data, replicated, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  schedule = builders.make_schedule(config)
+  writer = summary_writer(log_dir)
+  sampler = generate.Sampler(config, mesh, unet, autoencoder, num_classes)
+
+  def on_images(state):
+    images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+                                 num_samples=sampler.batch_size)
+    writer.image('diffusion/samples', sampler.grid(images), int(state.step))
+    writer.flush()
+
+  if batches is None:
+    batches = _train_batches(config, mesh, int(state.step))
+  state = _run_stage('diffusion', state,
+                     lambda s, b: step_fn(s, b, ae_params, schedule), batches,
+                     num_train_steps=num_steps, manager=manager, writer=writer, config=config,
+                     on_images=on_images if config.train.image_every else None)
+  return unet, state

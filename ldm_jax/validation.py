@@ -1,0 +1,71 @@
+"""Config checks that run before any work: one clear line per mistake.
+
+Models, schedules and samplers own their lists of accepted values; this module
+only compares the config against them, so a new schedule needs no change here.
+"""
+import ml_collections
+
+from ldm_jax import diffusion, losses, models, optim, sampling
+from ldm_jax.errors import UserError
+
+RECONSTRUCTION_LOSSES = ('l1', 'l2')
+TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
+
+
+def _one_of(config: ml_collections.ConfigDict, path: str, accepted) -> None:
+  value = _get(config, path)
+  if value not in accepted:
+    raise UserError(f'config.{path}={value!r} is not valid; accepted: '
+                    f'{", ".join(str(a) for a in accepted)}')
+
+
+def _check(config: ml_collections.ConfigDict, path: str, ok, accepted: str) -> None:
+  value = _get(config, path)
+  if not ok(value):
+    raise UserError(f'config.{path}={value!r} is not valid; accepted: {accepted}')
+
+
+def _get(config, path: str):
+  for key in path.split('.'):
+    config = config[key]
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `UserError` naming the first field whose value cannot work."""
+  positive = lambda v: isinstance(v, int) and v > 0
+  non_negative = lambda v: isinstance(v, int) and v >= 0
+  _check(config, 'data.name', lambda v: isinstance(v, str) and v, 'a TFDS dataset name')
+  _one_of(config, 'data.num_channels', (1, 3))
+  for path in ('data.batch_size', 'data.image_size', 'data.shuffle_buffer'):
+    _check(config, path, positive, 'a positive integer')
+  _one_of(config, 'autoencoder.model.name', tuple(models.MODELS))
+  _one_of(config, 'autoencoder.reconstruction_loss', RECONSTRUCTION_LOSSES)
+  _check(config, 'autoencoder.kl_weight', lambda v: v >= 0, 'a number >= 0')
+  factor = 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+  _check(config, 'data.image_size', lambda v: v % factor == 0,
+         f'a multiple of the autoencoder downsampling factor {factor}')
+  _one_of(config, 'diffusion.model.name', tuple(models.MODELS))
+  _one_of(config, 'diffusion.schedule', diffusion.SCHEDULES)
+  _one_of(config, 'diffusion.prediction_type', diffusion.PREDICTION_TYPES)
+  _one_of(config, 'diffusion.loss_weighting', losses.LOSS_WEIGHTINGS)
+  _check(config, 'diffusion.num_timesteps', lambda v: isinstance(v, int) and v >= 2,
+         'an integer >= 2')
+  _check(config, 'diffusion.scale_factor', lambda v: v >= 0, '0 (from data) or a positive number')
+  for stage in ('autoencoder', 'diffusion'):
+    _check(config, f'{stage}.num_train_steps', non_negative, 'an integer >= 0')
+    _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'a number in [0, 1)')
+    _one_of(config, f'{stage}.optim.lr_schedule', optim.LR_SCHEDULES)
+    _check(config, f'{stage}.optim.learning_rate', lambda v: v > 0, 'a positive number')
+    _check(config, f'{stage}.optim.warmup_steps', non_negative, 'an integer >= 0')
+  for path in ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints'):
+    _check(config, path, positive, 'a positive integer')
+  _check(config, 'train.image_every', non_negative, 'an integer >= 0 (0 = at the end)')
+  _one_of(config, 'sample.method', sampling.SAMPLERS)
+  _one_of(config, 'sample.timestep_spacing', TIMESTEP_SPACINGS)
+  _check(config, 'sample.num_steps',
+         lambda v: isinstance(v, int) and 1 <= v <= config.diffusion.num_timesteps,
+         f'an integer in [1, diffusion.num_timesteps={config.diffusion.num_timesteps}]')
+  _check(config, 'sample.eta', lambda v: v >= 0, 'a number >= 0')
+  for path in ('sample.num_samples', 'sample.batch_size'):
+    _check(config, path, positive, 'a positive integer')

@@ -1,0 +1,41 @@
+"""Every config file validates and builds its models abstractly, so none can rot."""
+import importlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ldm_jax import builders, models
+from ldm_jax.validation import validate_config
+
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
+                 if p.name != '__init__.py')
+
+
+def test_the_expected_configs_exist():
+  names = {p.stem for p in CONFIGS}
+  assert {'default', 'tiny', 'mnist', 'cifar10', 'celebahq256_ldm_kl4'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_validates_and_builds(path):
+  config = importlib.import_module(f'configs.{path.stem}').get_config()
+  validate_config(config)
+  autoencoder = builders.build_autoencoder(config)
+  size, channels = config.data.image_size, config.data.num_channels
+  image = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+  ae_params = jax.eval_shape(lambda x: autoencoder.init(jax.random.PRNGKey(0), x), image)
+  recon = jax.eval_shape(lambda p, x: autoencoder.apply(p, x)[0], ae_params, image)
+  assert recon.shape == image.shape
+
+  num_classes = 10 if config.diffusion.class_conditional else 0
+  unet = builders.build_unet(config, num_classes)
+  latents = jax.ShapeDtypeStruct((1, *builders.latent_shape(config)), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  y = jax.ShapeDtypeStruct((1,), jnp.int32)
+  unet_params = jax.eval_shape(lambda x, t, y: unet.init(jax.random.PRNGKey(0), x, t, y),
+                               latents, t, y)
+  out = jax.eval_shape(lambda p, x, t, y: unet.apply(p, x, t, y), unet_params, latents, t, y)
+  assert out.shape == latents.shape
+  assert models.count_params(unet_params['params']) > 0
