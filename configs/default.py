@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
       ),
       kl_weight=1e-6,         # LDM's KL-reg weight: latents stay close to identity-scaled.
       reconstruction_loss='l1',
-      num_train_steps=500,
+      num_train_steps=350,
       ema_decay=0.0,          # 0 = use the raw parameters.
       optim=dict(
           learning_rate=2e-3, warmup_steps=100, lr_schedule='cosine', end_lr_factor=0.05,
@@ -69,8 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
       prediction_type='eps',   # eps | x0 | v
       loss_weighting='uniform',
       scale_factor=0.0,        # 0 = 1/std of the first batch of latents (SD uses 0.18215).
-      num_train_steps=2_500,
-      ema_decay=0.999,
+      num_train_steps=2_200,
+      ema_decay=0.999,        # Warmed up: min(ema_decay, (1 + step) / (10 + step)).
       optim=dict(
           learning_rate=1e-3, warmup_steps=200, lr_schedule='cosine', end_lr_factor=0.05,
           b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,

@@ -38,13 +38,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = FLAGS(argv)
     FLAGS.config  # Loads the config file now, so a missing or broken one fails here.
+  except (AttributeError, KeyError) as e:
+    # ml_collections' message for a locked config: the key, maybe "did you mean ...".
+    overrides = [a for a in argv if a.startswith('--config.')]
+    key = _one_line(e).strip('"\'')
+    culprit = next((a for a in overrides if key.split("'")[0] in a), ' '.join(overrides))
+    sys.exit(f'error: unknown config field in {culprit}: {key}; see the config file for '
+             f'the accepted fields')
   except flags.Error as e:
-    cause = e.__cause__ or e.__context__ or e
-    sys.exit(f'error: {_one_line(e)}' if isinstance(e, flags.IllegalFlagValueError) and
-             cause is e else f'error: {_one_line(e)}; cause: {_one_line(cause)}'
-             if cause is not e else f'error: {_one_line(e)}')
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    sys.exit(f'error: bad --config: {_one_line(e)}')
+    sys.exit(f'error: {_one_line(e)}')
+  except Exception as e:  # A config file that cannot be loaded: missing, or broken Python.
+    sys.exit(f'error: cannot load --config: {_one_line(e)}')
   return remaining
 
 

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import builders, checkpointing, generate, sharding, train
+from ldm_jax import builders, checkpointing, generate, input_pipeline, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -48,6 +48,7 @@ def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
   validate_config(config)
+  input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   _prepare_workdir(workdir)
   _save_config(config, workdir)
   mesh = sharding.make_mesh()

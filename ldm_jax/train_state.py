@@ -26,9 +26,20 @@ class TrainState:
     """One optimizer update followed by the EMA update (decay 0 copies `params`)."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
-    ema_params = optax.incremental_update(params, self.ema_params, 1.0 - ema_decay)
+    decay = ema_decay_at(self.step, ema_decay)
+    ema_params = optax.incremental_update(params, self.ema_params, 1.0 - decay)
     return self.replace(step=self.step + 1, params=params, ema_params=ema_params,
                         opt_state=opt_state)
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+  """EMA decay with warmup, min(ema_decay, (1 + step) / (10 + step)).
+
+  Without warmup the average would keep the random initialization for ~1/(1 - decay)
+  steps; short runs would then sample from a blend of trained and untrained weights.
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
 @flax.struct.dataclass

@@ -1,0 +1,41 @@
+"""Config validation: each bad value is named with the values that would work."""
+import pytest
+
+from configs import default
+from ldm_jax.errors import UserError
+from ldm_jax.validation import validate_config
+
+
+def test_default_config_is_valid():
+  validate_config(default.get_config())
+
+
+@pytest.mark.parametrize('path, value, fragment', [
+    ('diffusion.schedule', 'cosin', 'linear, scaled_linear, cosine'),
+    ('diffusion.prediction_type', 'score', 'eps, x0, v'),
+    ('diffusion.loss_weighting', 'snr', 'uniform'),
+    ('sample.method', 'plms', 'ddpm, ddim'),
+    ('sample.timestep_spacing', 'even', 'leading, trailing, linspace'),
+    ('sample.num_steps', 5000, 'diffusion.num_timesteps=1000'),
+    ('data.num_channels', 2, '1, 3'),
+    ('data.batch_size', 0, 'a positive integer'),
+    ('data.image_size', 30, 'multiple of the autoencoder downsampling factor 4'),
+    ('autoencoder.model.name', 'vq', 'autoencoder_kl'),
+    ('autoencoder.reconstruction_loss', 'lpips', 'l1, l2'),
+    ('diffusion.ema_decay', 1.0, '[0, 1)'),
+    ('diffusion.optim.lr_schedule', 'step', 'cosine, constant'),
+    ('train.checkpoint_every', 0, 'a positive integer'),
+])
+def test_bad_value_names_field_and_accepted_values(path, value, fragment):
+  config = default.get_config()
+  *parents, leaf = path.split('.')
+  node = config
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+  with pytest.raises(UserError) as info:
+    validate_config(config)
+  message = str(info.value)
+  assert f'config.{path}={value!r}' in message
+  assert fragment in message
+  assert '\n' not in message
