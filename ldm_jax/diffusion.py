@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEDULES = ('linear', 'scaled_linear', 'cosine')
+SCHEDULES = ('linear', 'scaled_linear', 'cosine', 'sigmoid')
 PREDICTION_TYPES = ('eps', 'x0', 'v')
 
 # Default beta ranges: DDPM (Ho et al. 2020) and LDM / Stable Diffusion.
-_BETA_RANGES = {'linear': (1e-4, 0.02), 'scaled_linear': (0.00085, 0.012)}
+_BETA_RANGES = {'linear': (1e-4, 0.02), 'scaled_linear': (0.00085, 0.012),
+                'sigmoid': (1e-4, 0.02)}
 # Nichol & Dhariwal 2021: offset of the cosine schedule and the clip on betas that
 # keeps the last steps from being singular.
 _COSINE_OFFSET = 0.008
@@ -65,7 +66,8 @@ def schedule_from_betas(betas: np.ndarray | jax.Array | list[float]) -> Schedule
   """Builds a `Schedule` from betas; the tables are computed in float64.
 
   Args:
-    betas: [T] variances of the forward steps, T >= 2, each in (0, 1).
+    betas: [T] variances of the forward steps, T >= 2, each in (0, 1); the last
+      may be exactly 1 (zero terminal SNR, see `rescale_zero_terminal_snr`).
 
   Returns:
     The schedule, with float32 arrays.
@@ -77,8 +79,8 @@ def schedule_from_betas(betas: np.ndarray | jax.Array | list[float]) -> Schedule
   if betas.ndim != 1 or betas.shape[0] < 2:
     raise ValueError(f'betas must be a 1-D array of at least 2 values, got shape '
                      f'{betas.shape}')
-  if not np.all((betas > 0.0) & (betas < 1.0)):
-    raise ValueError('betas must lie in the open interval (0, 1)')
+  if not (np.all((betas[:-1] > 0.0) & (betas[:-1] < 1.0)) and 0.0 < betas[-1] <= 1.0):
+    raise ValueError('betas must lie in the open interval (0, 1) (the last may be 1)')
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -125,6 +127,9 @@ def make_schedule(name: str, num_timesteps: int, *, beta_start: float | None = N
       'scaled_linear': LDM / Stable Diffusion, betas =
         linspace(sqrt(beta_start), sqrt(beta_end), T)**2, default range 0.00085..0.012.
       'cosine': Nichol & Dhariwal 2021, offset s=0.008, betas clipped at 0.999.
+      'sigmoid': GeoDiff (Xu et al. 2022), betas = beta_start + (beta_end -
+        beta_start) * sigmoid(linspace(-6, 6, T)), default range 1e-4..0.02: few
+        steps near the ends of the chain, more in the middle.
     num_timesteps: T, at least 2.
     beta_start: first beta of the linear schedules (default: the paper's value).
     beta_end: last beta of the linear schedules (default: the paper's value).
@@ -141,17 +146,35 @@ def make_schedule(name: str, num_timesteps: int, *, beta_start: float | None = N
     raise ValueError(f'num_timesteps must be at least 2, got {num_timesteps}')
   if name == 'cosine':
     if beta_start is not None or beta_end is not None:
-      raise ValueError("beta_start/beta_end apply to the 'linear' and "
-                       "'scaled_linear' schedules, not to 'cosine'")
+      raise ValueError("beta_start/beta_end apply to the 'linear', 'scaled_linear' "
+                       "and 'sigmoid' schedules, not to 'cosine'")
     return schedule_from_betas(_cosine_betas(num_timesteps))
   default_start, default_end = _BETA_RANGES[name]
   beta_start = default_start if beta_start is None else beta_start
   beta_end = default_end if beta_end is None else beta_end
   if name == 'linear':
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  elif name == 'sigmoid':
+    ramp = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)))
+    betas = beta_start + (beta_end - beta_start) * ramp
   else:  # scaled_linear
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps,
                         dtype=np.float64) ** 2
+  return schedule_from_betas(betas)
+
+
+def rescale_zero_terminal_snr(s: Schedule) -> Schedule:
+  """The schedule rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1).
+
+  sqrt(abar) is shifted so that its last value is 0 and scaled so that its first is
+  unchanged; the last step is then pure noise, as at sampling time. Pair it with
+  `v` (or `x0`) prediction: an eps-predictor cannot recover x0 from pure noise.
+  """
+  sqrt_abar = np.sqrt(np.asarray(s.alphas_cumprod, np.float64))
+  first, last = sqrt_abar[0], sqrt_abar[-1]
+  sqrt_abar = (sqrt_abar - last) * first / (first - last)
+  abar = sqrt_abar ** 2
+  betas = 1.0 - abar / np.append(1.0, abar[:-1])
   return schedule_from_betas(betas)
 
 

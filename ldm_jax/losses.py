@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ldm_jax import diffusion
 
-LOSS_WEIGHTINGS = ('uniform', 'min_snr')
+LOSS_WEIGHTINGS = ('uniform', 'min_snr', 'p2')
 RECONSTRUCTION_LOSSES = ('l1', 'l2')
 
 
@@ -41,7 +41,8 @@ def diffusion_loss(prediction: jax.Array, target: jax.Array,
 
 
 def loss_weighting(s: diffusion.Schedule, t: jax.Array, name: str, *,
-                   prediction_type: str = 'eps', min_snr_gamma: float = 5.0) -> jax.Array:
+                   prediction_type: str = 'eps', min_snr_gamma: float = 5.0,
+                   p2_gamma: float = 1.0, p2_k: float = 1.0) -> jax.Array:
   """Per-example loss weights as a function of the timestep.
 
   Args:
@@ -53,8 +54,14 @@ def loss_weighting(s: diffusion.Schedule, t: jax.Array, name: str, *,
         min(SNR, gamma); expressed for the loss in the model's parameterization that
         is min(SNR, gamma) / SNR for 'eps', min(SNR, gamma) / (SNR + 1) for 'v' and
         min(SNR, gamma) for 'x0'.
+      'p2': perception-prioritized weighting (Choi et al. 2022), 1 / (k + SNR)^gamma
+        on the eps loss; for other parameterizations it is converted through the same
+        x0-space factors as 'min_snr', so that every parameterization optimizes the
+        same objective.
     prediction_type: the parameterization the loss is computed in.
     min_snr_gamma: gamma of 'min_snr'.
+    p2_gamma: gamma of 'p2' (0 is uniform in eps space; the paper uses 0.5 or 1).
+    p2_k: k of 'p2'.
 
   Returns:
     [B] float32 weights.
@@ -72,14 +79,17 @@ def loss_weighting(s: diffusion.Schedule, t: jax.Array, name: str, *,
   if name == 'uniform':
     return jnp.ones(t.shape, jnp.float32)
   snr = diffusion.snr(s, t)
-  clipped = jnp.minimum(snr, min_snr_gamma)
-  # The squared error of an eps (v) prediction is SNR (SNR + 1) times that of the
-  # x0 it implies, hence the division.
+  # Both weightings are defined as weights w_x0 on the x0-space error; the squared
+  # error of an eps (v) prediction is SNR (SNR + 1) times that of the x0 it implies.
+  if name == 'min_snr':
+    x0_weight = jnp.minimum(snr, min_snr_gamma)
+  else:  # p2: 1 / (k + SNR)^gamma on the eps loss = SNR / (k + SNR)^gamma on x0.
+    x0_weight = snr / (p2_k + snr) ** p2_gamma
   if prediction_type == 'eps':
-    return clipped / snr
+    return x0_weight / snr
   if prediction_type == 'v':
-    return clipped / (snr + 1.0)
-  return clipped
+    return x0_weight / (snr + 1.0)
+  return x0_weight
 
 
 def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:

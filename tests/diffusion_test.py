@@ -123,14 +123,40 @@ def test_cosine_matches_closed_form():
 def test_unknown_schedule():
   with pytest.raises(ValueError) as e:
     diffusion.make_schedule('x', 10)
-  assert str(e.value) == "unknown schedule 'x'; accepted: linear, scaled_linear, cosine"
+  assert str(e.value) == ("unknown schedule 'x'; accepted: linear, scaled_linear, cosine, "
+                          "sigmoid")
 
 
 def test_bad_betas():
   with pytest.raises(ValueError):
     diffusion.schedule_from_betas([0.1])
   with pytest.raises(ValueError):
-    diffusion.schedule_from_betas([0.1, 1.0])
+    diffusion.schedule_from_betas([1.0, 0.1])  # Only the last beta may be 1.
+  with pytest.raises(ValueError):
+    diffusion.schedule_from_betas([0.1, 1.5])
+
+
+def test_sigmoid_closed_form():
+  s = diffusion.make_schedule('sigmoid', T, beta_start=1e-4, beta_end=0.02)
+  ramp = 1.0 / (1.0 + np.exp(-np.linspace(-6, 6, T)))
+  np.testing.assert_allclose(_betas64(s), 1e-4 + (0.02 - 1e-4) * ramp, rtol=1e-5)
+  assert np.all(np.diff(_betas64(s)) > 0)
+
+
+@pytest.mark.parametrize('name', ['linear', 'scaled_linear', 'cosine'])
+def test_rescale_zero_terminal_snr(name):
+  s = diffusion.make_schedule(name, T)
+  r = diffusion.rescale_zero_terminal_snr(s)
+  abar, abar_r = (np.asarray(x.alphas_cumprod, np.float64) for x in (s, r))
+  assert abar_r[-1] == 0.0 and float(r.betas[-1]) == 1.0
+  np.testing.assert_allclose(abar_r[0], abar[0], rtol=1e-6)
+  # sqrt(abar) is an affine function of the original sqrt(abar).
+  a, b = np.polyfit(np.sqrt(abar), np.sqrt(abar_r), 1)
+  np.testing.assert_allclose(np.sqrt(abar_r), a * np.sqrt(abar) + b, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(r.posterior_variance)))
+  # v-prediction stays well defined at the pure-noise step: x0 = -v there.
+  x_t, v = jnp.ones((1, 2)), jnp.full((1, 2), 0.5)
+  np.testing.assert_allclose(diffusion.x0_from_v(r, x_t, jnp.array([T - 1]), v), -v, atol=1e-6)
 
 
 def test_schedule_is_a_pytree(schedule):

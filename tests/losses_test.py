@@ -79,9 +79,29 @@ def test_min_snr_is_the_same_loss_in_every_parameterization(schedule, prediction
   np.testing.assert_allclose(loss, expected, rtol=2e-3)
 
 
+@pytest.mark.parametrize('gamma, k', [(1.0, 1.0), (0.5, 1.0), (0.0, 1.0)])
+def test_p2_closed_form_on_the_eps_loss(schedule, gamma, k):
+  t = jnp.arange(0, T, 37)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)]
+  snr = abar / (1.0 - abar)
+  w = losses.loss_weighting(schedule, t, 'p2', prediction_type='eps', p2_gamma=gamma, p2_k=k)
+  np.testing.assert_allclose(w, 1.0 / (k + snr) ** gamma, rtol=1e-4)
+
+
+@pytest.mark.parametrize('prediction_type', ['x0', 'v'])
+def test_p2_is_the_same_objective_in_every_parameterization(schedule, prediction_type):
+  # At fixed x_t, eps error = SNR x0 error and v error = (SNR + 1) x0 error.
+  t = jnp.arange(0, T, 37)
+  snr = diffusion.snr(schedule, t)
+  w_eps = losses.loss_weighting(schedule, t, 'p2', prediction_type='eps')
+  w = losses.loss_weighting(schedule, t, 'p2', prediction_type=prediction_type)
+  factor = {'x0': 1.0, 'v': snr + 1.0}[prediction_type]
+  np.testing.assert_allclose(w * factor, w_eps * snr, rtol=1e-4)
+
+
 def test_unknown_weighting(schedule):
-  with pytest.raises(ValueError, match="unknown loss weighting 'p2'; accepted: uniform, min_snr"):
-    losses.loss_weighting(schedule, jnp.array([1]), 'p2')
+  with pytest.raises(ValueError, match="unknown loss weighting 'p3'; accepted: uniform, min_snr, p2"):
+    losses.loss_weighting(schedule, jnp.array([1]), 'p3')
   with pytest.raises(ValueError, match='accepted: eps, x0, v'):
     losses.loss_weighting(schedule, jnp.array([1]), 'min_snr', prediction_type='score')
 
