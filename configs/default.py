@@ -62,12 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
           norm_num_groups=16,
       ),
       class_conditional=True,  # Condition on dataset labels (a learned embedding).
-      schedule='linear',       # linear | scaled_linear | cosine
+      cond_drop_prob=0.1,      # Label -> null class at this rate (classifier-free guidance).
+      schedule='linear',       # linear | scaled_linear | cosine | sigmoid
       beta_start=0.0,          # 0 = the schedule's own default (linear: 1e-4, scaled_linear: 8.5e-4).
       beta_end=0.0,            # 0 = the schedule's own default (linear: 0.02, scaled_linear: 0.012).
       num_timesteps=1_000,
+      rescale_zero_terminal_snr=False,  # Lin et al. 2024; pair with prediction_type='v'.
       prediction_type='eps',   # eps | x0 | v
-      loss_weighting='uniform',
+      loss_weighting='uniform',  # uniform | min_snr | p2
+      min_snr_gamma=5.0,
+      p2_gamma=1.0,
+      p2_k=1.0,
       scale_factor=0.0,        # 0 = 1/std of the first batch of latents (SD uses 0.18215).
       num_train_steps=2_200,
       ema_decay=0.999,        # Warmed up: min(ema_decay, (1 + step) / (10 + step)).
@@ -85,12 +90,27 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   config.sample = dict(
-      method='ddim',           # ddpm | ddim
+      method='ddim',           # ddpm | ddim | dpm_solver++ | euler | heun
       num_steps=50,
-      eta=0.0,
-      timestep_spacing='leading',
+      eta=0.0,                 # DDIM noise (0 = deterministic, 1 = DDPM-like).
+      timestep_spacing='leading',  # leading | trailing | linspace
+      ddpm_variance='posterior',   # posterior (beta tilde) | beta
+      guidance_scale=1.0,      # Classifier-free guidance; 1 = the conditional model.
+      class_label=-1,          # -1 = every class, one row each; else this class only.
       num_samples=100,
       batch_size=100,          # Samples per jitted call (rounded to the device count).
       seed=0,
+  )
+
+  # --mode=edit: inpainting (RePaint) or img2img (SDEdit) of one image.
+  config.edit = dict(
+      task='inpaint',          # inpaint | img2img
+      input='',                # PNG/JPEG of data.image_size, or .npz key images|image (first).
+      mask='',                 # inpaint: PNG, white = fill, black = keep; or .npz key mask, 1 = fill.
+      strength=0.6,            # img2img: fraction of the diffusion redone, in (0, 1].
+      jump_length=10,          # RePaint: steps per jump back.
+      jump_n_sample=10,        # RePaint: times each stretch is resampled; 1 = no jumps.
+      num_samples=8,           # Variations written.
+      class_label=-1,          # Condition on this class; -1 = the null class (unconditional).
   )
   return config

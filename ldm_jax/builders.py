@@ -41,8 +41,11 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
   """The noise schedule; beta_start/beta_end of 0 keep the schedule's own defaults."""
   c = config.diffusion
-  return diffusion.make_schedule(c.schedule, c.num_timesteps,
-                                 beta_start=c.beta_start or None, beta_end=c.beta_end or None)
+  schedule = diffusion.make_schedule(c.schedule, c.num_timesteps, beta_start=c.beta_start or None,
+                                     beta_end=c.beta_end or None)
+  if c.rescale_zero_terminal_snr:
+    schedule = diffusion.rescale_zero_terminal_snr(schedule)
+  return schedule
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from ldm_jax import builders, diffusion, input_pipeline, sampling, sharding
+from ldm_jax.errors import UserError
 
 
 def generate_images(unet_params, ae_params, scale_factor: jax.Array, labels: jax.Array,
@@ -26,12 +27,20 @@ def generate_images(unet_params, ae_params, scale_factor: jax.Array, labels: jax
   Returns:
     [B, H, W, C] images in [-1, 1].
   """
-  y = labels if class_conditional else None
-  model_fn = lambda x, t: unet.apply({'params': unet_params}, x, t, y)
+  guided = class_conditional and sample_config.guidance_scale != 1.0
+  if class_conditional:
+    model_fn = lambda x, t, y: unet.apply({'params': unet_params}, x, t, y)
+    cond = labels
+  else:
+    model_fn = lambda x, t: unet.apply({'params': unet_params}, x, t)
+    cond = None
   latents = sampling.sample(
       model_fn, schedule, (labels.shape[0], *latent_shape), rng,
       method=sample_config.method, num_steps=sample_config.num_steps, eta=sample_config.eta,
-      prediction_type=prediction_type, timestep_spacing=sample_config.timestep_spacing)
+      prediction_type=prediction_type, timestep_spacing=sample_config.timestep_spacing,
+      ddpm_variance=sample_config.ddpm_variance,
+      guidance_scale=sample_config.guidance_scale if guided else 1.0, cond=cond,
+      null_cond=jnp.full_like(labels, unet.num_classes) if guided else None)
   images = autoencoder.apply({'params': ae_params}, latents / scale_factor,
                              method=autoencoder.decode)
   return jnp.clip(images, -1.0, 1.0)
@@ -46,6 +55,10 @@ class Sampler:
     # Round up so every batch splits evenly over the devices.
     self.batch_size = -(-config.sample.batch_size // num_devices) * num_devices
     self.num_classes = num_classes
+    self.class_label = config.sample.class_label
+    if num_classes and self.class_label >= num_classes:
+      raise UserError(f'config.sample.class_label={self.class_label} is not a class of '
+                      f'{config.data.name!r}; accepted: -1 or 0..{num_classes - 1}')
     self.seed = config.sample.seed
     self.schedule = builders.make_schedule(config)
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
@@ -60,8 +73,11 @@ class Sampler:
         out_shardings=data)
 
   def labels(self, num_samples: int) -> np.ndarray:
-    """Class i % num_classes for sample i, so a grid with num_classes columns shows one class per column."""
-    return (np.arange(num_samples) % max(self.num_classes, 1)).astype(np.int32)
+    """The class of each sample: `class_label`, or every class in turn, one grid row each."""
+    if self.class_label >= 0 or not self.num_classes:
+      return np.full((num_samples,), max(self.class_label, 0), np.int32)
+    per_class = -(-num_samples // self.num_classes)
+    return (np.arange(num_samples) // per_class).astype(np.int32)
 
   def generate(self, unet_params, ae_params, scale_factor,
                num_samples: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -80,7 +96,11 @@ class Sampler:
     return images, (labels if self.num_classes else None)
 
   def grid(self, images: np.ndarray) -> np.ndarray:
-    ncols = self.num_classes or math.ceil(math.sqrt(len(images)))
+    """Rows of one class each when sampling every class, else a square-ish grid."""
+    if self.num_classes and self.class_label < 0:
+      ncols = -(-len(images) // self.num_classes)
+    else:
+      ncols = math.ceil(math.sqrt(len(images)))
     return make_grid(images, ncols=min(ncols, len(images)))
 
 

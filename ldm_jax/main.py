@@ -4,19 +4,20 @@ Rerunning the same command resumes from the latest checkpoints.
 """
 import logging as logging_std
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import modes
+from ldm_jax import editing, modes
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit'],
                   'train: stage 1, stage 2, then samples. sample: samples from the latest '
-                  'checkpoint.')
+                  'checkpoint. edit: inpainting or img2img of config.edit.input.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -25,6 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 MODES = {
     'train': lambda config, workdir: modes.train_mode(config, workdir),
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
+    'edit': lambda config, workdir: editing.edit_mode(config, workdir),
 }
 
 
@@ -33,22 +35,34 @@ def _one_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def _unknown_field_message(error: BaseException, argv: list[str]) -> str:
+  """One line for an override of a field the config does not have."""
+  text = str(error).encode().decode('unicode_escape')
+  key = re.search(r"'([^']+)'", text)
+  key = key.group(1) if key else text
+  culprit = next((a for a in argv if a.startswith('--config.') and
+                  re.search(rf'[.]{re.escape(key)}(=|$)', a)), 'a --config. flag')
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  hint = f'; did you mean {hint.group(1)!r}?' if hint else ''
+  return f'error: unknown config field {key!r} in {culprit}{hint}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing that ends a bad flag or config override with one line, not a traceback."""
   try:
     remaining = FLAGS(argv)
-    FLAGS.config  # Loads the config file now, so a missing or broken one fails here.
+    FLAGS.config.keys()  # A config file that failed to load raises its error here.
   except (AttributeError, KeyError) as e:
-    # ml_collections' message for a locked config: the key, maybe "did you mean ...".
-    overrides = [a for a in argv if a.startswith('--config.')]
-    key = _one_line(e).strip('"\'')
-    culprit = next((a for a in overrides if key.split("'")[0] in a), ' '.join(overrides))
-    sys.exit(f'error: unknown config field in {culprit}: {key}; see the config file for '
-             f'the accepted fields')
+    sys.exit(_unknown_field_message(e, argv))
   except flags.Error as e:
     sys.exit(f'error: {_one_line(e)}')
-  except Exception as e:  # A config file that cannot be loaded: missing, or broken Python.
-    sys.exit(f'error: cannot load --config: {_one_line(e)}')
+  except Exception as e:  # The config file: missing, or Python that fails.
+    while e.__cause__ is not None:
+      e = e.__cause__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+    sys.exit(f'error: cannot load --config={path}: '
+             f'{lines[-1] if lines else type(e).__name__}')
   return remaining
 
 

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import builders, checkpointing, generate, input_pipeline, sharding, train
+from ldm_jax import builders, generate, input_pipeline, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -66,16 +66,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
   validate_config(config)
   mesh = sharding.make_mesh()
-  ckpt_dir = os.path.join(workdir, 'diffusion', 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
-    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
-  unet, _, _, abstract, num_classes = train.diffusion_setup(config, mesh)
-  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
-                                       read_only=True)
-  if manager.latest_step() is None:
-    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
-  state = checkpointing.restore(manager, abstract)
-  autoencoder, ae_params = train.restore_autoencoder(config, workdir, mesh)
+  unet, state, num_classes, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_classes,
                  num_samples or config.sample.num_samples)

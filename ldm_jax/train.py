@@ -84,13 +84,19 @@ def encode_latents(ae_params, images: jax.Array, rng: jax.Array, *,
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
 
 
+def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
+  """Replaces each label by `null_class` with probability `prob` (classifier-free guidance)."""
+  drop = jax.random.uniform(rng, labels.shape) < prob
+  return jnp.where(drop, null_class, labels)
+
+
 def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
                          schedule: diffusion.Schedule, *, autoencoder: nn.Module,
                          unet: nn.Module, config: ml_collections.ConfigDict,
                          lr_schedule: optax.Schedule) -> tuple[DiffusionTrainState, Metrics]:
   """One step of the latent diffusion loss. `config` is `config.diffusion`."""
   rng = jax.random.fold_in(state.rng, state.step)
-  rng_z, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 4)
+  rng_z, rng_t, rng_noise, rng_dropout, rng_drop = jax.random.split(rng, 5)
   latents = encode_latents(ae_params, batch['image'], rng_z, autoencoder=autoencoder)
   z0 = jax.lax.stop_gradient(latents * state.scale_factor)  # [B, h, w, c]
   t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_timesteps)
@@ -98,8 +104,12 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
   x_t = diffusion.q_sample(schedule, z0, t, noise)
   target = diffusion.training_target(schedule, z0, noise, t, config.prediction_type)
   weights = losses.loss_weighting(schedule, t, config.loss_weighting,
-                                  prediction_type=config.prediction_type)
-  labels = batch['label'] if config.class_conditional else None
+                                  prediction_type=config.prediction_type,
+                                  min_snr_gamma=config.min_snr_gamma,
+                                  p2_gamma=config.p2_gamma, p2_k=config.p2_k)
+  labels = None
+  if config.class_conditional:
+    labels = drop_labels(rng_drop, batch['label'], config.cond_drop_prob, unet.num_classes)
 
   def loss_fn(params):
     output = unet.apply({'params': params}, x_t, t.astype(jnp.float32), labels, train=True,
@@ -364,3 +374,18 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
                      on_images=on_images if config.train.image_every else None)
   return unet, state
+
+
+def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(U-Net, latest diffusion state, num_classes, autoencoder, its params) of a run."""
+  ckpt_dir = _stage_dirs(workdir, 'diffusion')[0]
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
+  unet, _, _, abstract, num_classes = diffusion_setup(config, mesh)
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
+                                       read_only=True)
+  if manager.latest_step() is None:
+    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
+  state = checkpointing.restore(manager, abstract)
+  autoencoder, ae_params = restore_autoencoder(config, workdir, mesh)
+  return unet, state, num_classes, autoencoder, ae_params

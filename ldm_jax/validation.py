@@ -9,7 +9,6 @@ from ldm_jax import diffusion, losses, models, optim, sampling
 from ldm_jax.errors import UserError
 
 RECONSTRUCTION_LOSSES = ('l1', 'l2')
-TIMESTEP_SPACINGS = ('leading', 'trailing', 'linspace')
 
 
 def _one_of(config: ml_collections.ConfigDict, path: str, accepted) -> None:
@@ -52,6 +51,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, 'diffusion.num_timesteps', lambda v: isinstance(v, int) and v >= 2,
          'an integer >= 2')
   _check(config, 'diffusion.scale_factor', lambda v: v >= 0, '0 (from data) or a positive number')
+  _check(config, 'diffusion.cond_drop_prob', lambda v: 0 <= v < 1, 'a probability in [0, 1)')
+  if config.diffusion.schedule == 'cosine':
+    for path in ('diffusion.beta_start', 'diffusion.beta_end'):
+      _check(config, path, lambda v: v == 0, '0 for the cosine schedule (it has no beta range)')
+  for path in ('diffusion.min_snr_gamma', 'diffusion.p2_k'):
+    _check(config, path, lambda v: v > 0, 'a positive number')
+  _check(config, 'diffusion.p2_gamma', lambda v: v >= 0, 'a number >= 0')
   for stage in ('autoencoder', 'diffusion'):
     _check(config, f'{stage}.num_train_steps', non_negative, 'an integer >= 0')
     _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'a number in [0, 1)')
@@ -62,10 +68,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(config, path, positive, 'a positive integer')
   _check(config, 'train.image_every', non_negative, 'an integer >= 0 (0 = at the end)')
   _one_of(config, 'sample.method', sampling.SAMPLERS)
-  _one_of(config, 'sample.timestep_spacing', TIMESTEP_SPACINGS)
+  _one_of(config, 'sample.timestep_spacing', sampling.TIMESTEP_SPACINGS)
   _check(config, 'sample.num_steps',
          lambda v: isinstance(v, int) and 1 <= v <= config.diffusion.num_timesteps,
          f'an integer in [1, diffusion.num_timesteps={config.diffusion.num_timesteps}]')
   _check(config, 'sample.eta', lambda v: v >= 0, 'a number >= 0')
+  _one_of(config, 'sample.ddpm_variance', sampling.DDPM_VARIANCES)
+  _check(config, 'sample.guidance_scale', lambda v: v >= 0, 'a number >= 0 (1 = no guidance)')
+  _check(config, 'sample.class_label', lambda v: isinstance(v, int) and v >= -1,
+         '-1 (every class) or a class index')
+  if config.sample.guidance_scale != 1 and not config.diffusion.class_conditional:
+    raise UserError('config.sample.guidance_scale needs a class-conditional model '
+                    '(config.diffusion.class_conditional=True); accepted: 1.0 here')
   for path in ('sample.num_samples', 'sample.batch_size'):
     _check(config, path, positive, 'a positive integer')

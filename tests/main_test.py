@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def test_train_resume_and_sample(tmp_path, digits_data_dir):
     assert any(f.startswith('events') for f in os.listdir(workdir / stage / 'tensorboard'))
   samples = np.load(workdir / 'samples' / 'samples_4.npz')
   assert samples['images'].dtype == np.uint8 and samples['images'].shape == (8, 32, 32, 1)
-  np.testing.assert_array_equal(samples['labels'], np.arange(8) % 10)
+  np.testing.assert_array_equal(samples["labels"], np.arange(8))  # One row per class.
   assert (workdir / 'samples' / 'grid_4.png').stat().st_size > 0
 
   # The same command with a longer budget resumes stage 2; stage 1 is finished.
@@ -53,13 +54,31 @@ def test_train_resume_and_sample(tmp_path, digits_data_dir):
   assert (workdir / 'samples' / 'samples_6.npz').exists()
 
   result = run_main(*tiny_args(workdir, digits_data_dir, '--mode=sample', '--num_samples=3',
+                               '--config.sample.method=dpm_solver++',
+                               '--config.sample.guidance_scale=2',
                                '--config.diffusion.num_train_steps=6'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert np.load(workdir / 'samples' / 'samples_6.npz')['images'].shape == (3, 32, 32, 1)
 
+  # Inpaint the first sample: white in the mask is the region to fill.
+  image = np.load(workdir / 'samples' / 'samples_6.npz')['images'][0, ..., 0]
+  Image.fromarray(image).save(tmp_path / 'input.png')
+  fill = np.zeros((32, 32), np.uint8)
+  fill[8:24, 8:24] = 255
+  Image.fromarray(fill).save(tmp_path / 'mask.png')
+  result = run_main(*tiny_args(workdir, digits_data_dir, '--mode=edit',
+                               f'--config.edit.input={tmp_path}/input.png',
+                               f'--config.edit.mask={tmp_path}/mask.png',
+                               '--config.edit.num_samples=2', '--config.edit.jump_length=2',
+                               '--config.edit.jump_n_sample=2'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  edited = np.load(workdir / 'edits' / 'inpaint_6.npz')['images']
+  assert edited.shape == (2, 32, 32, 1)
+  np.testing.assert_array_equal(edited[:, fill == 0, 0], np.broadcast_to(image[fill == 0], (2, 768)))
+
 
 @pytest.mark.parametrize('override, fragments', [
-    ('--config.diffusion.schedul=cosine', ['schedul']),
+    ('--config.diffusion.schedul=cosine', ["'schedul'", "did you mean 'schedule'"]),
     ('--config.diffusion.schedule=cosin', ['config.diffusion.schedule', 'linear, scaled_linear, cosine']),
     ('--config.sample.method=ddimm', ['config.sample.method', 'ddpm', 'ddim']),
     ('--config.data.name=no_such_dataset', ['no_such_dataset']),

@@ -157,3 +157,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
   assert manager.all_steps() == [2]
   _, _, _, abstract = train.autoencoder_setup(config, mesh)
   assert int(checkpointing.restore(manager, abstract).step) == 2
+
+
+@pytest.mark.parametrize('prob', [0.0, 0.1, 0.5])
+def test_label_dropout_rate_matches_config(prob):
+  labels = jnp.arange(100_000, dtype=jnp.int32) % 10
+  dropped = train.drop_labels(jax.random.PRNGKey(0), labels, prob, null_class=10)
+  is_null = np.asarray(dropped == 10)
+  # Binomial standard error is at most 0.0016 at n = 1e5.
+  np.testing.assert_allclose(is_null.mean(), prob, atol=0.006)
+  np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(labels)[~is_null])
