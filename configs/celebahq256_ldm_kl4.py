@@ -36,5 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
                                 lr_schedule='constant', weight_decay=0.0)
   config.train.update(log_every=500, checkpoint_every=10_000, image_every=20_000,
                       keep_checkpoints=3)
-  config.sample.update(method='ddim', num_steps=200, num_samples=64, batch_size=16)
+  config.sample.update(method='ddim', num_steps=200, guidance_scale=1.0, num_samples=64,
+                       batch_size=16)
   return config

@@ -47,7 +47,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 
-from ldm_jax import builders, checkpointing, diffusion, generate, input_pipeline, sampling
+from ldm_jax import builders, diffusion, generate, input_pipeline, sampling
 from ldm_jax import sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config

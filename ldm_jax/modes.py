@@ -1,5 +1,4 @@
 """What `--mode` runs: each mode is one function of (config, workdir)."""
-import json
 import os
 
 import jax

@@ -10,7 +10,6 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import tqdm
 from absl import logging
 from flax import linen as nn
 from flax.metrics import tensorboard
+from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, diffusion, generate, input_pipeline, losses
 from ldm_jax import models, optim, sharding
@@ -179,7 +179,9 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           writer.flush()
       if save_now:
         checkpointing.save(manager, state)
-      if on_images and is_main and (
+      # Every process runs the callback: it computes over the global mesh; only
+      # process 0 has a writer.
+      if on_images and (
           (train_config.image_every and step % train_config.image_every == 0) or final):
         on_images(state)
   manager.wait_until_finished()
@@ -192,8 +194,18 @@ def summary_writer(log_dir: str):
   return None
 
 
-def _log_param_count(stage: str, params) -> None:
-  logging.info('%s: %s parameters', stage, f'{models.count_params(params):,}')
+def _start_stage(stage: str, manager, init: Callable[[], TrainState], abstract,
+                 num_train_steps: int) -> tuple[TrainState, bool]:
+  """The state to train from (restored or new), and whether the stage is already done."""
+  state, restored = checkpointing.restore_or_init(manager, init, abstract)
+  logging.info('%s: %s parameters', stage, f'{models.count_params(state.params):,}')
+  step = int(jax.device_get(state.step))
+  if restored:
+    logging.info('%s: resumed from step %d', stage, step)
+  finished = step >= num_train_steps
+  if finished:
+    logging.info('%s: finished (step %d); skipping', stage, step)
+  return state, finished
 
 
 # ------------------------------------------------------------- stage 1 -----
@@ -242,13 +254,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   init = jax.jit(functools.partial(init_autoencoder_state, config, model, tx),
                  out_shardings=sharding.replicated(mesh))
-  state, restored = checkpointing.restore_or_init(manager, init, abstract)
-  _log_param_count('autoencoder', state.params)
   num_steps = config.autoencoder.num_train_steps
-  if restored:
-    logging.info('autoencoder: resumed from step %d', int(state.step))
-  if int(state.step) >= num_steps:
-    logging.info('autoencoder: finished (step %d); skipping', int(state.step))
+  state, finished = _start_stage('autoencoder', manager, init, abstract, num_steps)
+  if finished:
     return model, state.ema_params
 
   sharding.check_batch_size(config.data.batch_size, mesh)
@@ -264,11 +272,14 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
                         in_shardings=(replicated, data), out_shardings=data)
 
   def on_images(state):
-    images = eval_batches[0]['image'][:8]
-    pairs = jnp.concatenate([images, reconstruct(state.ema_params, eval_batches[0]['image'])[:8]])
-    writer.image('autoencoder/reconstructions',
-                 generate.make_grid(input_pipeline.postprocess(np.asarray(pairs)), ncols=8),
-                 int(state.step))
+    images = eval_batches[0]['image']
+    originals, reconstructions = (
+        np.asarray(multihost_utils.process_allgather(x, tiled=True))[:8]
+        for x in (images, reconstruct(state.ema_params, images)))
+    if writer is not None:
+      pairs = input_pipeline.postprocess(np.concatenate([originals, reconstructions]))
+      writer.image('autoencoder/reconstructions', generate.make_grid(pairs, ncols=8),
+                   int(state.step))
 
   state = _run_stage('autoencoder', state, step_fn, _train_batches(config, mesh, int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
@@ -342,13 +353,9 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
     init_fn = functools.partial(init_diffusion_state, config, unet, tx)
     return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(scale)
 
-  state, restored = checkpointing.restore_or_init(manager, init, abstract)
-  _log_param_count('diffusion', state.params)
   num_steps = config.diffusion.num_train_steps
-  if restored:
-    logging.info('diffusion: resumed from step %d', int(state.step))
-  if int(state.step) >= num_steps:
-    logging.info('diffusion: finished (step %d); skipping', int(state.step))
+  state, finished = _start_stage('diffusion', manager, init, abstract, num_steps)
+  if finished:
     return unet, state
 
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
@@ -364,8 +371,9 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   def on_images(state):
     images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
                                  num_samples=sampler.batch_size)
-    writer.image('diffusion/samples', sampler.grid(images), int(state.step))
-    writer.flush()
+    if writer is not None:
+      writer.image('diffusion/samples', sampler.grid(images), int(state.step))
+      writer.flush()
 
   if batches is None:
     batches = _train_batches(config, mesh, int(state.step))

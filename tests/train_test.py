@@ -47,7 +47,7 @@ def _init_diffusion_state(config, unet, tx, mesh):
 
 def test_autoencoder_reconstruction_improves(setup):
   config, autoencoder, _, state, lr, batch = setup
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:1])  # Fast; sharding is tested below.
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
                                    config=config.autoencoder, lr_schedule=lr),
@@ -64,7 +64,7 @@ def test_autoencoder_reconstruction_improves(setup):
 def test_diffusion_loss_falls_from_closed_form_start(setup):
   """A zero-initialized eps-predictor has loss E[eps²] = 1; training must beat it."""
   config, autoencoder, unet, ae_state, _, batch = setup
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:1])
   schedule = builders.make_schedule(config)
   tx, step = _diffusion_step(config, autoencoder, unet, mesh)
   state = _init_diffusion_state(config, unet, tx, mesh)
@@ -113,7 +113,7 @@ def test_batch_size_not_divisible_by_devices_is_a_user_error():
 
 
 def test_autoencoder_stage_resumes_and_skips_when_finished(tiny_config, tmp_path):
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:1])
   tiny_config.autoencoder.num_train_steps = 2
   train.train_autoencoder(tiny_config, str(tmp_path), mesh)
   ckpt_dir = tmp_path / 'autoencoder' / 'checkpoints'
@@ -138,7 +138,7 @@ def test_autoencoder_stage_resumes_and_skips_when_finished(tiny_config, tmp_path
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
   config, autoencoder, _, state, lr, batch = setup
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:1])
   step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
                                    config=config.autoencoder, lr_schedule=lr))
 
