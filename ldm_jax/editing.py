@@ -554,8 +554,6 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
       header.append(input_pipeline.postprocess(np.where(fill, _MASKED_VALUE, image)))
     tiles = np.stack(header + list(images))
     grid = generate.make_grid(tiles, ncols=min(len(tiles), len(header) + 8))
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
-    np.savez_compressed(npz, **arrays)
+    generate.save_grid_and_arrays(png, npz, grid, arrays)
     print(f'edits: {png} and {npz}')
   return png, npz

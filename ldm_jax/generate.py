@@ -119,10 +119,16 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
 def write_samples(directory: str, step: int, grid: np.ndarray, images: np.ndarray,
                   labels: np.ndarray | None) -> tuple[str, str]:
   """Writes `grid_<step>.png` and `samples_<step>.npz` (`images`, and `labels` if any)."""
-  os.makedirs(directory, exist_ok=True)
   png = os.path.join(directory, f'grid_{step}.png')
   npz = os.path.join(directory, f'samples_{step}.npz')
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
   arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
-  np.savez_compressed(npz, **arrays)
+  save_grid_and_arrays(png, npz, grid, arrays)
   return png, npz
+
+
+def save_grid_and_arrays(png: str, npz: str, grid: np.ndarray,
+                         arrays: dict[str, np.ndarray]) -> None:
+  """Writes a uint8 grid [H, W, C] as PNG and `arrays` as a compressed npz."""
+  os.makedirs(os.path.dirname(png), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
+  np.savez_compressed(npz, **arrays)
