@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+  # One device: these tests are about the command line; sharding is tested in-process.
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
          'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   return subprocess.run([sys.executable, '-m', 'ldm_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
