@@ -50,11 +50,11 @@ class Sampler:
   """Compiles `generate_images` once for a config and mesh; generates in batches."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, unet: nn.Module,
-               autoencoder: nn.Module, num_classes: int):
+               autoencoder: nn.Module):
     num_devices = mesh.shape[sharding.DATA_AXIS]
     # Round up so every batch splits evenly over the devices.
     self.batch_size = -(-config.sample.batch_size // num_devices) * num_devices
-    self.num_classes = num_classes
+    num_classes = self.num_classes = unet.num_classes  # 0 when unconditional.
     self.class_label = config.sample.class_label
     if num_classes and self.class_label >= num_classes:
       raise UserError(f'config.sample.class_label={self.class_label} is not a class of '

@@ -24,9 +24,9 @@ config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = {
-    'train': lambda config, workdir: modes.train_mode(config, workdir),
+    'train': modes.train_mode,
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
-    'edit': lambda config, workdir: editing.edit_mode(config, workdir),
+    'edit': editing.edit_mode,
 }
 
 

@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import builders, generate, input_pipeline, sharding, train
+from ldm_jax import generate, input_pipeline, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -29,8 +29,8 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                   num_classes: int, num_samples: int, writer=None) -> None:
-  sampler = generate.Sampler(config, mesh, unet, autoencoder, num_classes)
+                   num_samples: int, writer=None) -> None:
+  sampler = generate.Sampler(config, mesh, unet, autoencoder)
   images, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
                                     num_samples=num_samples)
   step = int(jax.device_get(state.step))
@@ -57,7 +57,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                 builders.num_classes(config), config.sample.num_samples, writer)
+                 config.sample.num_samples, writer)
 
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str,
@@ -65,7 +65,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
   validate_config(config)
   mesh = sharding.make_mesh()
-  unet, state, num_classes, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
+  unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
-  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_classes,
+  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
                  num_samples or config.sample.num_samples)

@@ -339,7 +339,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
                     autoencoder: nn.Module, ae_params) -> tuple[nn.Module, DiffusionTrainState]:
   """Trains (or resumes, or skips when finished) stage 2; returns (U-Net, state)."""
   ckpt_dir, log_dir = _stage_dirs(workdir, 'diffusion')
-  unet, tx, lr_schedule, abstract, num_classes = diffusion_setup(config, mesh)
+  unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   sharding.check_batch_size(config.data.batch_size, mesh)
   batches = None
@@ -366,7 +366,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
       out_shardings=(replicated, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
-  sampler = generate.Sampler(config, mesh, unet, autoencoder, num_classes)
+  sampler = generate.Sampler(config, mesh, unet, autoencoder)
 
   def on_images(state):
     images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,

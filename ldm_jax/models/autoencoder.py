@@ -68,15 +68,16 @@ class Encoder(nn.Module):
           asymmetric_padding=True,
           name=f'down_blocks_{i}',
       )(h)
-    h = MidBlock(
-        self.norm_num_groups,
-        self.norm_eps,
-        attention_heads=1 if self.mid_block_attention else None,
-        name='mid_block',
-    )(h)
+    h = _mid_block(self)(h)
     h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
     h = nn.silu(h)
     return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, name='conv_out')(h)
+
+
+def _mid_block(coder: 'Encoder | Decoder') -> MidBlock:
+  """The SD VAE middle block: ResNet, single-head attention (if enabled), ResNet."""
+  return MidBlock(coder.norm_num_groups, coder.norm_eps,
+                  attention_heads=1 if coder.mid_block_attention else None, name='mid_block')
 
 
 class Decoder(nn.Module):
@@ -103,12 +104,7 @@ class Decoder(nn.Module):
     """Maps z [B, h, w, c] -> [B, h*f, w*f, out_channels]."""
     reversed_channels = tuple(reversed(self.block_out_channels))
     h = nn.Conv(reversed_channels[0], (3, 3), padding=1, name='conv_in')(z)
-    h = MidBlock(
-        self.norm_num_groups,
-        self.norm_eps,
-        attention_heads=1 if self.mid_block_attention else None,
-        name='mid_block',
-    )(h)
+    h = _mid_block(self)(h)
     for i, channels in enumerate(reversed_channels):
       h = UpBlock(
           out_channels=channels,
