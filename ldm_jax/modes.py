@@ -44,8 +44,8 @@ def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
       writer.flush()
 
 
-def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
+def _start_training(config: ml_collections.ConfigDict, workdir: str):
+  """Checks config, dataset and workdir before any training; returns the mesh."""
   validate_config(config)
   input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   _prepare_workdir(workdir)
@@ -53,6 +53,17 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = sharding.make_mesh()
   logging.info('devices: %d (%s), processes: %d', jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
+  return mesh
+
+
+def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Stage 1 only, e.g. one first stage shared by many runs through autoencoder.workdir."""
+  train.train_autoencoder(config, workdir, _start_training(config, workdir))
+
+
+def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
+  mesh = _start_training(config, workdir)
   autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
   unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))

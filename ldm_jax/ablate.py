@@ -1,0 +1,427 @@
+"""Ablation runner: a grid of config variants × seeds, trained, evaluated and tabulated.
+
+    python -m ldm_jax.ablate --sweep=experiments/schedule_x_prediction.py --workdir=runs/sxp
+
+A sweep file defines `get_sweep()` returning a dict:
+
+    config:    the base config file, e.g. 'configs/default.py'.
+    overrides: {'dotted.field': value} applied to every variant (the study's budget).
+    variants:  [{'name': 'cosine-v', 'overrides': {'diffusion.schedule': 'cosine', ...}}, ...]
+    seeds:     (0, 1, ...): `config.seed` of each run.
+    share_autoencoder: True trains stage 1 once (WORKDIR/autoencoder) and points every
+               run's `autoencoder.workdir` at it, so variants differ only in stage 2.
+
+Each variant × seed is two ordinary commands (`--mode=train`, then `--mode=eval`) in its
+own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one line each, ready
+for a cluster queue. A run whose metrics exist is skipped, an interrupted one resumes
+from its checkpoints. At the end the runner collects `results.csv` (one row per
+variant × seed), `results.md` (mean ± std over seeds, best marked) and the plots
+`loss_curves.png` and `metrics.png` into `--results_dir` (default: WORKDIR).
+"""
+import csv
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from ldm_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
+flags.DEFINE_string('workdir', None, 'Root of the runs: WORKDIR/<variant>/seed_<seed>.')
+flags.DEFINE_bool('dry_run', False, 'Print the commands, one line per run; run nothing.')
+flags.DEFINE_list('only', [], 'Run only these variants (names); all when empty.')
+flags.DEFINE_string('results_dir', '', 'Where results.{csv,md} and plots go (default: WORKDIR).')
+
+# Metrics where smaller is better; every other metric is better when larger.
+_LOWER_IS_BETTER = re.compile(r'(^|_)(fd|fid|kid|loss)(_|$)|seconds')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One variant × seed: its workdir and the commands that train and evaluate it."""
+  variant: str
+  seed: int
+  workdir: str
+  overrides: dict[str, Any]
+  commands: tuple[tuple[str, ...], ...]
+  num_train_steps: int
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self.workdir, 'eval', f'metrics_{self.num_train_steps}.json')
+
+  @property
+  def trained(self) -> bool:
+    return os.path.isdir(os.path.join(self.workdir, 'diffusion', 'checkpoints',
+                                      str(self.num_train_steps)))
+
+
+# ------------------------------------------------------------ sweep file ----
+
+
+def _load_module(path: str, what: str):
+  if not os.path.isfile(path):
+    raise UserError(f'{what} {path!r} not found')
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # The file's own error, in one line.
+    raise UserError(f'cannot load {what} {path!r}: {type(e).__name__}: {e}') from e
+  return module
+
+
+def load_sweep(path: str) -> dict[str, Any]:
+  """The validated dict of a sweep file's `get_sweep()`."""
+  module = _load_module(path, 'sweep file')
+  if not hasattr(module, 'get_sweep'):
+    raise UserError(f'sweep file {path!r} defines no get_sweep()')
+  sweep = dict(module.get_sweep())
+  unknown = set(sweep) - {'config', 'overrides', 'variants', 'seeds', 'share_autoencoder'}
+  if unknown:
+    raise UserError(f'sweep {path!r}: unknown keys {sorted(unknown)}; accepted: config, '
+                    f'overrides, variants, seeds, share_autoencoder')
+  if 'config' not in sweep or 'variants' not in sweep:
+    raise UserError(f'sweep {path!r} must give at least config and variants')
+  sweep.setdefault('overrides', {})
+  sweep.setdefault('seeds', (0,))
+  sweep.setdefault('share_autoencoder', False)
+  names = [v.get('name', '') for v in sweep['variants']]
+  bad = [n for n in names if not re.fullmatch(r'[A-Za-z0-9_.+-]+', n or '')]
+  if bad or len(set(names)) != len(names):
+    raise UserError(f'sweep {path!r}: variant names must be unique and use only letters, '
+                    f'digits and _.+- (got {names})')
+  return sweep
+
+
+def _config_with(config_path: str, overrides: dict[str, Any]):
+  """The base config with `overrides` applied, for values the runner needs (step counts)."""
+  config = _load_module(config_path, 'config file').get_config()
+  for key, value in overrides.items():
+    parent, _, leaf = key.rpartition('.')
+    node = config
+    for part in filter(None, parent.split('.')):
+      node = node.get(part) if hasattr(node, 'get') else None
+    if not hasattr(node, 'keys') or leaf not in node:
+      raise UserError(f'unknown config field {key!r} in the sweep overrides of {config_path}')
+    node[leaf] = value
+  return config
+
+
+def _flag(key: str, value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    value = '(' + ','.join(str(v) for v in value) + (',)' if len(value) == 1 else ')')
+  return shlex.quote(f'--config.{key}={value}')
+
+
+def _command(config_path: str, workdir: str, overrides: dict[str, Any], mode: str):
+  return ('python', '-m', 'ldm_jax.main', f'--config={config_path}', f'--workdir={workdir}',
+          f'--mode={mode}', *(_flag(k, v) for k, v in overrides.items()))
+
+
+def autoencoder_command(sweep: dict[str, Any], root: str) -> tuple[str, ...]:
+  """Stage 1 once, shared by every run of a sweep with `share_autoencoder`."""
+  return _command(sweep['config'], os.path.join(root, 'autoencoder'), sweep['overrides'],
+                  'train_autoencoder')
+
+
+def autoencoder_trained(sweep: dict[str, Any], root: str) -> bool:
+  steps = _config_with(sweep['config'], sweep['overrides']).autoencoder.num_train_steps
+  return os.path.isdir(os.path.join(root, 'autoencoder', 'autoencoder', 'checkpoints', str(steps)))
+
+
+def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run]:
+  """The runs of a sweep (variant-major, then seed), restricted to `only` when given."""
+  names = [v['name'] for v in sweep['variants']]
+  missing = sorted(set(only) - set(names))
+  if missing:
+    raise UserError(f'--only names unknown variants {missing}; the sweep has {names}')
+  runs = []
+  for variant in sweep['variants']:
+    if only and variant['name'] not in only:
+      continue
+    for seed in sweep['seeds']:
+      overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
+      if sweep['share_autoencoder']:
+        overrides['autoencoder.workdir'] = os.path.join(root, 'autoencoder')
+      workdir = os.path.join(root, variant['name'], f'seed_{seed}')
+      config = _config_with(sweep['config'], overrides)
+      commands = tuple(_command(sweep['config'], workdir, overrides, mode)
+                       for mode in ('train', 'eval'))
+      runs.append(Run(variant['name'], seed, workdir, overrides, commands,
+                      int(config.diffusion.num_train_steps)))
+  return runs
+
+
+# ---------------------------------------------------------------- running ----
+
+
+def _status_path(run: Run) -> str:
+  return os.path.join(run.workdir, 'ablate_status.json')
+
+
+def _read_status(run: Run) -> dict[str, Any]:
+  try:
+    with open(_status_path(run)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {'train_seconds': 0.0}
+
+
+def _execute(command: Sequence[str], log_path: str) -> None:
+  """Runs one command (this interpreter for `python`), its output appended to `log_path`."""
+  argv = [sys.executable if command[0] == 'python' else command[0],
+          *(shlex.split(a)[0] for a in command[1:])]
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  with open(log_path, 'a') as log:
+    log.write(f'$ {" ".join(command)}\n')
+    log.flush()
+    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+  if result.returncode:
+    raise UserError(f'command failed (exit {result.returncode}); see {log_path}')
+
+
+def execute_run(run: Run) -> str:
+  """Trains (resuming) and evaluates `run` unless done; returns what happened."""
+  if os.path.isfile(run.metrics_path):
+    return 'done before, skipped'
+  log_path = os.path.join(run.workdir, 'ablate.log')
+  train, evaluate = run.commands
+  if not run.trained:
+    start = time.perf_counter()
+    try:
+      _execute(train, log_path)
+    finally:  # An interrupted run's time counts too: it resumes from its checkpoints.
+      status = _read_status(run)
+      status['train_seconds'] += time.perf_counter() - start
+      with open(_status_path(run), 'w') as f:
+        json.dump(status, f)
+  _execute(evaluate, log_path)
+  return 'trained and evaluated'
+
+
+# ---------------------------------------------------------------- results ----
+
+
+def loss_curve(workdir: str, tag: str = 'train/loss') -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of a scalar in the run's stage-2 TensorBoard logs."""
+  import tensorflow as tf  # Only to read event files.
+
+  points = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'diffusion', 'tensorboard', 'events.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          points[event.step] = float(tf.make_ndarray(value.tensor))
+  steps = np.asarray(sorted(points))
+  return steps, np.asarray([points[s] for s in steps])
+
+
+def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
+  """One row per evaluated run: variant, seed, overrides, training time and every metric."""
+  rows = []
+  for run in runs:
+    if not os.path.isfile(run.metrics_path):
+      continue
+    with open(run.metrics_path) as f:
+      metrics = json.load(f)
+    _, losses = loss_curve(run.workdir)
+    row = {'variant': run.variant, 'seed': run.seed,
+           'train_seconds': round(_read_status(run)['train_seconds'], 1),
+           'final_loss': float(losses[-1]) if len(losses) else float('nan')}
+    row.update({k: v for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    rows.append(row)
+  return rows
+
+
+def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+  skip = {'variant', 'seed', 'step', 'num_samples'}
+  columns = []
+  for row in rows:
+    columns += [k for k in row if k not in skip and not k.endswith('_real') and k not in columns]
+  return columns
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
+  fields = []
+  for row in rows:
+    fields += [k for k in row if k not in fields]
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+  """variant -> metric -> (mean, std over seeds); std is 0 for one seed."""
+  by_variant: dict[str, list[dict[str, Any]]] = {}
+  for row in rows:
+    by_variant.setdefault(row['variant'], []).append(row)
+  summary = {}
+  for variant, variant_rows in by_variant.items():
+    summary[variant] = {}
+    for column in _metric_columns(rows):
+      values = np.asarray([r[column] for r in variant_rows if column in r], np.float64)
+      if len(values):
+        summary[variant][column] = (float(values.mean()),
+                                    float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+  return summary
+
+
+def lower_is_better(metric: str) -> bool:
+  return bool(_LOWER_IS_BETTER.search(metric))
+
+
+def write_markdown(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
+  """Mean ± std per variant; the best mean of each column in bold; real-vs-real last."""
+  summary = summarize(rows)
+  columns = _metric_columns(rows)
+  best = {}
+  for column in columns:
+    means = {v: s[column][0] for v, s in summary.items() if column in s}
+    if means and column != 'train_seconds':
+      pick = min if lower_is_better(column) else max
+      best[column] = pick(means, key=means.get)
+  seeds = sorted({r['seed'] for r in rows})
+  lines = [f'# {title}', '',
+           f'Mean ± std over seeds {seeds} ({len(rows)} runs); best mean in bold '
+           f'(lower is better for FD/FID/KID/loss/time, higher for the rest).', '',
+           '| variant | ' + ' | '.join(columns) + ' |',
+           '| --- |' + ' --- |' * len(columns)]
+  for variant, stats in summary.items():
+    cells = []
+    for column in columns:
+      if column not in stats:
+        cells.append('')
+        continue
+      mean, std = stats[column]
+      cell = f'{mean:.4g} ± {std:.2g}'
+      cells.append(f'**{cell}**' if best.get(column) == variant else cell)
+    lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+  reals = {c: np.mean([r[f'{c}_real'] for r in rows if f'{c}_real' in r])
+           for c in columns if any(f'{c}_real' in r for r in rows)}
+  if reals:
+    lines.append('| *real vs real* | ' + ' | '.join(
+        f'{reals[c]:.4g}' if c in reals else '' for c in columns) + ' |')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: str) -> None:
+  """loss_curves.png (per run, one colour per variant) and metrics.png (mean ± std bars)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  variants = list(dict.fromkeys(r.variant for r in runs))
+  colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for run in runs:
+    steps, values = loss_curve(run.workdir)
+    if len(steps):
+      label = run.variant if run.seed == min(r.seed for r in runs if r.variant == run.variant) else None
+      ax.plot(steps, values, color=colors[run.variant], alpha=0.8, label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel('training loss (stage 2)')
+  ax.set_yscale('log')
+  ax.legend(fontsize='small')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(directory, 'loss_curves.png'), dpi=100)
+  plt.close(fig)
+
+  summary = summarize(rows)
+  columns = [c for c in _metric_columns(rows) if c != 'train_seconds']
+  ncols = min(4, max(1, len(columns)))
+  nrows = -(-len(columns) // ncols) or 1
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+  for ax, column in zip(axes.flat, columns):
+    names = [v for v in summary if column in summary[v]]
+    means = [summary[v][column][0] for v in names]
+    stds = [summary[v][column][1] for v in names]
+    ax.bar(range(len(names)), means, yerr=stds, color=[colors.get(v) for v in names], capsize=3)
+    reals = [r[f'{column}_real'] for r in rows if f'{column}_real' in r]
+    if reals:
+      ax.axhline(float(np.mean(reals)), color='k', linestyle='--', linewidth=1, label='real')
+    ax.set_title(column + (' ↓' if lower_is_better(column) else ' ↑'), fontsize='small')
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha='right', fontsize='x-small')
+  for ax in list(axes.flat)[len(columns):]:
+    ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(os.path.join(directory, 'metrics.png'), dpi=100)
+  plt.close(fig)
+
+
+def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[str, Any]]:
+  rows = collect(runs)
+  if not rows:
+    raise UserError('no run has metrics yet; nothing to tabulate')
+  os.makedirs(directory, exist_ok=True)
+  write_csv(rows, os.path.join(directory, 'results.csv'))
+  write_markdown(rows, os.path.join(directory, 'results.md'), title)
+  write_plots(runs, rows, directory)
+  return rows
+
+
+# ------------------------------------------------------------------- main ----
+
+
+def run_sweep(sweep_path: str, root: str, *, dry_run: bool = False, only: Sequence[str] = (),
+              results_dir: str = '') -> None:
+  sweep = load_sweep(sweep_path)
+  runs = plan(sweep, root, only)
+  if dry_run:
+    if sweep['share_autoencoder']:
+      print(' '.join(autoencoder_command(sweep, root)))
+    for run in runs:
+      print(' && '.join(' '.join(c) for c in run.commands))
+    return
+  if sweep['share_autoencoder'] and not autoencoder_trained(sweep, root):
+    _execute(autoencoder_command(sweep, root), os.path.join(root, 'autoencoder', 'ablate.log'))
+  failures = []
+  for i, run in enumerate(runs, 1):
+    print(f'[{i}/{len(runs)}] {run.variant} seed {run.seed}: ', end='', flush=True)
+    try:
+      print(execute_run(run), flush=True)
+    except UserError as e:  # Keep going: one broken variant should not stop the study.
+      print(f'failed: {e}', flush=True)
+      failures.append(run)
+  title = os.path.splitext(os.path.basename(sweep_path))[0]
+  directory = results_dir or root
+  rows = write_results(runs, directory, title)
+  print(f'results: {len(rows)} runs in {directory}/results.{{csv,md}}, loss_curves.png, '
+        f'metrics.png')
+  if failures:
+    raise UserError(f'{len(failures)} run(s) failed: '
+                    + ', '.join(f'{r.variant}/seed_{r.seed}' for r in failures))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
+  if not FLAGS.sweep or not FLAGS.workdir:
+    sys.exit('error: --sweep and --workdir are required')
+  try:
+    run_sweep(FLAGS.sweep, FLAGS.workdir, dry_run=FLAGS.dry_run, only=FLAGS.only,
+              results_dir=FLAGS.results_dir)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
