@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.transformer import SpatialTransformer
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding of (possibly fractional) timesteps.
@@ -226,6 +228,20 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.features, name='linear_2')(nn.silu(emb))
 
 
+def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None,
+            context_mask: jax.Array | None) -> jax.Array:
+  """`block`'s attention layer `name`: self-attention, or with `transformer_depth` > 0
+  the spatial transformer over `context` (LDM cross-attention)."""
+  if block.transformer_depth:
+    if context is None:
+      raise ValueError(f'{name}: a spatial transformer needs a context [B, S, D]')
+    return SpatialTransformer(block.attention_heads, block.transformer_depth,
+                              block.use_linear_projection, block.norm_num_groups,
+                              block.norm_eps, name=name)(x, context, context_mask)
+  return AttentionBlock(
+      block.norm_num_groups, block.norm_eps, num_heads=block.attention_heads, name=name)(x)
+
+
 class DownBlock(nn.Module):
   """`num_layers` ResnetBlocks (each optionally followed by attention) + a Downsample.
 
@@ -238,6 +254,9 @@ class DownBlock(nn.Module):
     add_downsample: end with a stride-2 Downsample.
     asymmetric_padding: Downsample padding style (see `Downsample`).
     dropout: ResnetBlock dropout rate.
+    transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
+      of this depth that also cross-attend to the `context` given at call time.
+    use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
   """
 
   out_channels: int
@@ -248,10 +267,13 @@ class DownBlock(nn.Module):
   add_downsample: bool = True
   asymmetric_padding: bool = False
   dropout: float = 0.0
+  transformer_depth: int = 0
+  use_linear_projection: bool = False
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False
+      self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False,
+      context: jax.Array | None = None, context_mask: jax.Array | None = None
   ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Applies the block.
 
@@ -259,6 +281,8 @@ class DownBlock(nn.Module):
       x: [B, H, W, C_in].
       temb: [B, D] or None.
       train: enables dropout.
+      context: [B, S, D_ctx] for spatial transformers; ignored by self-attention.
+      context_mask: [B, S] bool, False at padded context positions.
 
     Returns:
       The output [B, H', W', out_channels] (H' = H/2 with a Downsample) and the
@@ -270,9 +294,7 @@ class DownBlock(nn.Module):
           self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
       )(x, temb, train=train)
       if self.attention_heads is not None:
-        x = AttentionBlock(
-            self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name=f'attentions_{j}'
-        )(x)
+        x = _attend(self, x, f'attentions_{j}', context, context_mask)
       skips.append(x)
     if self.add_downsample:
       x = Downsample(self.out_channels, self.asymmetric_padding, name='downsamplers_0')(x)
@@ -288,24 +310,29 @@ class MidBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     attention_heads: heads of the middle attention; None to leave it out.
     dropout: ResnetBlock dropout rate.
+    transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
+      of this depth that also cross-attend to the `context` given at call time.
+    use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
   """
 
   norm_num_groups: int
   norm_eps: float
   attention_heads: int | None = 1
   dropout: float = 0.0
+  transformer_depth: int = 0
+  use_linear_projection: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-    """Maps [B, H, W, C] -> [B, H, W, C]."""
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    """Maps [B, H, W, C] -> [B, H, W, C]; context as in `DownBlock`."""
     c = x.shape[-1]
     x = ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_0')(
         x, temb, train=train
     )
     if self.attention_heads is not None:
-      x = AttentionBlock(
-          self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name='attentions_0'
-      )(x)
+      x = _attend(self, x, 'attentions_0', context, context_mask)
     return ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_1')(
         x, temb, train=train
     )
@@ -322,6 +349,9 @@ class UpBlock(nn.Module):
     attention_heads: heads of an AttentionBlock after each ResnetBlock; None for none.
     add_upsample: end with a nearest x2 Upsample.
     dropout: ResnetBlock dropout rate.
+    transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
+      of this depth that also cross-attend to the `context` given at call time.
+    use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
   """
 
   out_channels: int
@@ -331,6 +361,8 @@ class UpBlock(nn.Module):
   attention_heads: int | None = None
   add_upsample: bool = True
   dropout: float = 0.0
+  transformer_depth: int = 0
+  use_linear_projection: bool = False
 
   @nn.compact
   def __call__(
@@ -340,6 +372,8 @@ class UpBlock(nn.Module):
       temb: jax.Array | None = None,
       *,
       train: bool = False,
+      context: jax.Array | None = None,
+      context_mask: jax.Array | None = None,
   ) -> jax.Array:
     """Applies the block.
 
@@ -349,6 +383,8 @@ class UpBlock(nn.Module):
         [B, H, W, C_j], consumed last-first: layer j is fed concat(x, skips[-1 - j]).
       temb: [B, D] or None.
       train: enables dropout.
+      context: [B, S, D_ctx] for spatial transformers; ignored by self-attention.
+      context_mask: [B, S] bool, False at padded context positions.
 
     Returns:
       [B, H', W', out_channels], H' = 2H with an Upsample.
@@ -362,9 +398,7 @@ class UpBlock(nn.Module):
           self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
       )(x, temb, train=train)
       if self.attention_heads is not None:
-        x = AttentionBlock(
-            self.norm_num_groups, self.norm_eps, num_heads=self.attention_heads, name=f'attentions_{j}'
-        )(x)
+        x = _attend(self, x, f'attentions_{j}', context, context_mask)
     if self.add_upsample:
       x = Upsample(self.out_channels, name='upsamplers_0')(x)
     return x

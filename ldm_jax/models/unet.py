@@ -42,6 +42,12 @@ class UNet(nn.Module):
     norm_eps: GroupNorm epsilon.
     time_embed_dim: width of the time embedding; None means `4 * base_channels`.
     mid_attention: self-attention in the middle block.
+    context_dim: 0 for self-attention only; > 0 replaces every attention layer
+      (down, mid and up) by a spatial transformer (LDM) that cross-attends to a
+      `context` of this width, given at call time.
+    transformer_depth: transformer blocks per spatial transformer.
+    use_linear_projection: spatial transformer projections as Dense layers
+      (Stable Diffusion 2) instead of 1x1 convolutions (LDM, SD 1).
   """
 
   out_channels: int
@@ -57,6 +63,9 @@ class UNet(nn.Module):
   norm_eps: float = 1e-5
   time_embed_dim: int | None = None
   mid_attention: bool = True
+  context_dim: int = 0
+  transformer_depth: int = 1
+  use_linear_projection: bool = False
 
   @property
   def null_class(self) -> int:
@@ -65,7 +74,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False
+      self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool = False,
+      context: jax.Array | None = None, context_mask: jax.Array | None = None
   ) -> jax.Array:
     """Predicts the denoising target.
 
@@ -75,6 +85,11 @@ class UNet(nn.Module):
       y: [B] int32 labels in [0, num_classes], or None for the null class; ignored
         by an unconditional model (as in diffusers), so callers need not branch.
       train: enables dropout (needs the 'dropout' rng collection).
+      context: [B, S, context_dim] sequence the spatial transformers attend to;
+        required when context_dim > 0, else ignored.
+      context_mask: [B, S] bool, False at padded context positions (they then get
+        no attention weight); None means every position is real. Each row needs
+        at least one True.
 
     Returns:
       [B, H, W, out_channels]; exactly zero at initialisation.
@@ -91,6 +106,10 @@ class UNet(nn.Module):
           f'2**(len(channel_mult) - 1) with channel_mult={tuple(self.channel_mult)}'
       )
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))  # [B]
+    if self.context_dim > 0 and (context is None or context.shape[-1] != self.context_dim):
+      got = None if context is None else context.shape
+      raise ValueError(f'UNet with context_dim={self.context_dim} needs a context of shape '
+                       f'[B, S, {self.context_dim}], got {got}')
 
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
     temb = timestep_embedding(t, self.base_channels)  # [B, base]
@@ -111,8 +130,11 @@ class UNet(nn.Module):
       return heads(channels) if resolution in self.attention_resolutions else None
 
     common = dict(
-        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout
+        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
+        transformer_depth=self.transformer_depth if self.context_dim > 0 else 0,
+        use_linear_projection=self.use_linear_projection,
     )
+    cross = dict(context=context, context_mask=context_mask)
     num_levels = len(self.channel_mult)
 
     h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, name='conv_in')(x)
@@ -125,12 +147,12 @@ class UNet(nn.Module):
           add_downsample=i < num_levels - 1,
           name=f'down_blocks_{i}',
           **common,
-      )(h, temb, train=train)
+      )(h, temb, train=train, **cross)
       skips.extend(block_skips)
 
     h = MidBlock(
         attention_heads=heads(h.shape[-1]) if self.mid_attention else None, name='mid_block', **common
-    )(h, temb, train=train)
+    )(h, temb, train=train, **cross)
 
     num_up_layers = self.num_res_blocks + 1
     for i, mult in enumerate(reversed(self.channel_mult)):
@@ -142,7 +164,7 @@ class UNet(nn.Module):
           add_upsample=i < num_levels - 1,
           name=f'up_blocks_{i}',
           **common,
-      )(h, block_skips, temb, train=train)
+      )(h, block_skips, temb, train=train, **cross)
     assert not skips, 'every skip feature is consumed by the up path'
 
     h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
