@@ -60,9 +60,26 @@ def get_config() -> ml_collections.ConfigDict:
           head_dim=0,                   # > 0: heads of this width instead of num_heads.
           dropout=0.0,
           norm_num_groups=16,
+          context_dim=0,                # > 0: spatial transformers cross-attend to a context this wide.
+          transformer_depth=1,          # Transformer blocks per spatial transformer.
+          use_linear_projection=False,  # Spatial transformer proj_in/out: Dense (SD 2), not 1x1 conv.
       ),
       class_conditional=True,  # Condition on dataset labels (a learned embedding).
-      cond_drop_prob=0.1,      # Label -> null class at this rate (classifier-free guidance).
+      cond_drop_prob=0.1,      # Label and condition -> null at this rate (classifier-free guidance).
+      # What else the U-Net is conditioned on (LDM section 3.3); see ldm_jax/conditioning.py.
+      conditioning=dict(
+          name='',             # '' | class | text | precomputed | concat
+          frozen=False,        # True: the conditioner's parameters are not trained.
+          text=dict(           # A word-level tokenizer + BERT-style encoder trained from scratch.
+              caption_key='caption',  # TFDS feature ('a/b' for nested ones, e.g. captions/text).
+              vocab_size=256,         # Most frequent training-caption words + 3 special tokens.
+              max_length=16,          # Tokens per caption, [CLS] included; longer ones are cut.
+              num_layers=2,
+              num_heads=4,
+          ),
+          precomputed=dict(context_key='context'),  # TFDS feature [L, context_dim]; zero rows = padding.
+          concat=dict(factor=4),  # Low-res condition: the image downsampled by this factor.
+      ),
       schedule='linear',       # linear | scaled_linear | cosine | sigmoid
       beta_start=0.0,          # 0 = the schedule's own default (linear: 1e-4, scaled_linear: 8.5e-4).
       beta_end=0.0,            # 0 = the schedule's own default (linear: 0.02, scaled_linear: 0.012).

@@ -7,6 +7,7 @@ import ml_collections
 from flax import linen as nn
 
 from ldm_jax import diffusion, input_pipeline, models
+from ldm_jax.models import conditioners
 from ldm_jax.errors import UserError
 
 
@@ -17,10 +18,38 @@ def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The stage-2 model; `num_classes` > 0 adds a label embedding."""
-  return _build('diffusion', config.diffusion.model,
+  """The stage-2 model; `num_classes` > 0 adds a label embedding.
+
+  With `config.diffusion.conditioning.name` set, the U-Net and that conditioner as
+  one `ConditionedUNet`.
+  """
+  unet = _build('diffusion', config.diffusion.model,
                 out_channels=config.autoencoder.model.latent_channels,
                 num_classes=num_classes)
+  if not config.diffusion.conditioning.name:
+    return unet
+  return conditioners.ConditionedUNet(unet, build_conditioner(config))
+
+
+def build_conditioner(config: ml_collections.ConfigDict) -> nn.Module:
+  """The conditioner named by `config.diffusion.conditioning.name` (not '')."""
+  c = config.diffusion.conditioning
+  context_dim = config.diffusion.model.context_dim
+  if c.name == 'class':
+    count = input_pipeline.dataset_info(config.data).num_classes
+    if not count:
+      raise UserError(f'config.diffusion.conditioning.name=class but dataset '
+                      f'{config.data.name!r} has no labels')
+    kwargs = dict(num_classes=count, context_dim=context_dim)
+  elif c.name == 'text':
+    kwargs = dict(vocab_size=c.text.vocab_size, max_length=c.text.max_length,
+                  context_dim=context_dim, num_layers=c.text.num_layers,
+                  num_heads=c.text.num_heads)
+  elif c.name == 'precomputed':
+    kwargs = dict(context_dim=context_dim)
+  else:
+    kwargs = dict(latent_size=latent_shape(config)[:2])
+  return conditioners.CONDITIONERS[c.name](**kwargs)
 
 
 def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn.Module:

@@ -31,7 +31,7 @@ Batches are dicts of NumPy-convertible tensors:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import math
 from typing import Any
@@ -184,6 +184,7 @@ def create_dataset(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    features: Callable[[Mapping[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> tf.data.Dataset:
   """Builds this process's stream of batches of one split.
 
@@ -203,10 +204,13 @@ def create_dataset(
     seed: seeds the shuffling and augmentation of the training stream.
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
+    features: optional (raw example, preprocessed image) -> dict of extra
+      fixed-shape tensors to add to each example, e.g. conditioning features.
 
   Returns:
-    A dataset of dicts: 'image' float32 [b, H, W, C] in [-1, 1], 'label' int32 [b]
-    and, for eval, 'mask' float32 [b]; b = batch_size // process_count.
+    A dataset of dicts: 'image' float32 [b, H, W, C] in [-1, 1], 'label' int32 [b],
+    the keys of `features` and, for eval, 'mask' float32 [b];
+    b = batch_size // process_count. Eval padding examples are all zeros.
 
   Raises:
     UserError: unknown dataset or split, unsupported channels, or a batch size that
@@ -242,7 +246,8 @@ def create_dataset(
         image_size=image_size,
     )
     label = tf.cast(example[label_key], tf.int32) if label_key else tf.zeros([], tf.int32)
-    return {'image': image, 'label': label}
+    extra = features(example, image) if features else {}
+    return {'image': image, 'label': label, **extra}
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -262,9 +267,7 @@ def create_dataset(
     ds = ds.map(lambda example: {**example, 'mask': tf.ones([], tf.float32)})
     num_batches = _num_eval_batches(builder, split, local_batch_size, process_count)
     padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros([image_size, image_size, num_channels], tf.float32),
-        'label': tf.zeros([], tf.int32),
-        'mask': tf.zeros([], tf.float32),
+        key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()
     }).repeat()
     ds = ds.concatenate(padding).take(num_batches * local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)

@@ -21,13 +21,16 @@ flags.DEFINE_enum('mode', 'train', ['train', 'train_autoencoder', 'sample', 'edi
                   'of config.edit.input.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
+flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
+                          'text-conditioned config, one grid row each; may be repeated.')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = {
     'train': modes.train_mode,
     'train_autoencoder': modes.train_autoencoder_mode,
-    'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
+    'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples,
+                                                        FLAGS.prompt),
     'edit': editing.edit_mode,
 }
 

@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import generate, input_pipeline, sharding, train
+from ldm_jax import conditioning, generate, input_pipeline, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -28,14 +28,22 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def _sample_conditions(config, workdir, num_samples: int, prompts: list[str] | None = None):
+  """(conditions, grid columns) of the samples; see `conditioning.sample_conditions`."""
+  vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=False)
+  return conditioning.sample_conditions(config, vocabulary, num_samples, prompts)
+
+
 def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                   num_samples: int, writer=None) -> None:
+                   num_samples: int, writer=None, conditions=None, ncols=None) -> None:
+  if conditions is None:
+    conditions, ncols = _sample_conditions(config, workdir, num_samples)
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
   images, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
-                                    num_samples=num_samples)
+                                    num_samples=num_samples, conditions=conditions)
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    grid = sampler.grid(images)
+    grid = generate.make_grid(images, ncols) if ncols else sampler.grid(images)
     png, npz = generate.write_samples(os.path.join(workdir, 'samples'), step, grid,
                                       images, labels)
     print(f'samples: {png} and {npz}')
@@ -72,11 +80,17 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str,
-                num_samples: int | None = None) -> None:
-  """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
+                num_samples: int | None = None, prompts: list[str] | None = None) -> None:
+  """Loads the latest diffusion checkpoint (EMA params) and writes samples.
+
+  A text-conditioned model samples one grid row per prompt when `prompts` are given.
+  """
   validate_config(config)
+  num_samples = num_samples or config.sample.num_samples
+  # Before restoring: a bad prompt stops at once.
+  conditions, ncols = _sample_conditions(config, workdir, num_samples, prompts)
   mesh = sharding.make_mesh()
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
-  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                 num_samples or config.sample.num_samples)
+  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_samples,
+                 conditions=conditions, ncols=ncols)

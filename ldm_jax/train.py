@@ -22,7 +22,8 @@ from flax import linen as nn
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, checkpointing, diffusion, generate, input_pipeline, losses
+from ldm_jax import builders, checkpointing, conditioning, diffusion, generate, input_pipeline
+from ldm_jax import losses
 from ldm_jax import models, optim, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
@@ -51,7 +52,10 @@ def init_diffusion_state(config: ml_collections.ConfigDict, model: nn.Module,
   x = jnp.zeros((1, *builders.latent_shape(config)))
   t = jnp.zeros((1,), jnp.float32)
   y = jnp.zeros((1,), jnp.int32)
-  params = model.init(rng_params, x, t, y)['params']
+  cond = {}
+  if config.diffusion.conditioning.name:
+    cond = dict(cond=conditioning.example_batch(config))
+  params = model.init(rng_params, x, t, y, **cond)['params']
   return create_train_state(params, tx, rng_state, DiffusionTrainState,
                             scale_factor=jnp.asarray(scale_factor, jnp.float32))
 
@@ -86,8 +90,7 @@ def encode_latents(ae_params, images: jax.Array, rng: jax.Array, *,
 
 def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
   """Replaces each label by `null_class` with probability `prob` (classifier-free guidance)."""
-  drop = jax.random.uniform(rng, labels.shape) < prob
-  return jnp.where(drop, null_class, labels)
+  return jnp.where(conditioning.drop_mask(rng, labels.shape[0], prob), null_class, labels)
 
 
 def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
@@ -107,13 +110,17 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
                                   prediction_type=config.prediction_type,
                                   min_snr_gamma=config.min_snr_gamma,
                                   p2_gamma=config.p2_gamma, p2_k=config.p2_k)
-  labels = None
-  if config.class_conditional:
-    labels = drop_labels(rng_drop, batch['label'], config.cond_drop_prob, unet.num_classes)
+  # One mask for labels and conditioner: a dropped example is fully unconditional.
+  drop = conditioning.drop_mask(rng_drop, z0.shape[0], config.cond_drop_prob)
+  labels = jnp.where(drop, unet.num_classes, batch['label']) if config.class_conditional else None
+  cond = {}
+  if config.conditioning.name:
+    cond = dict(cond={k: batch[k] for k in conditioning.BATCH_KEYS[config.conditioning.name]},
+                drop=drop)
 
   def loss_fn(params):
     output = unet.apply({'params': params}, x_t, t.astype(jnp.float32), labels, train=True,
-                        rngs={'dropout': rng_dropout})
+                        rngs={'dropout': rng_dropout}, **cond)
     loss, _ = losses.diffusion_loss(output, target, weights)
     return loss
 
@@ -130,13 +137,14 @@ def _stage_dirs(workdir: str, stage: str) -> tuple[str, str]:
   return os.path.join(workdir, stage, 'checkpoints'), os.path.join(workdir, stage, 'tensorboard')
 
 
-def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int) -> Iterator[Batch]:
+def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
+                   features: conditioning.Features | None = None) -> Iterator[Batch]:
   # The seed moves with the start step so a resumed run does not replay the
   # batches it already trained on.
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True,
-                                     seed=config.seed + start_step)
+                                     seed=config.seed + start_step, features=features)
   for batch in ds.as_numpy_iterator():
-    yield sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+    yield sharding.global_batch(batch, mesh)
 
 
 def _check_finite(stage: str, step: int, metrics: dict[str, float],
@@ -318,6 +326,8 @@ def diffusion_setup(config: ml_collections.ConfigDict, mesh):
   num_classes = builders.num_classes(config)
   unet = builders.build_unet(config, num_classes)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  if config.diffusion.conditioning.name and config.diffusion.conditioning.frozen:
+    tx = conditioning.freeze_conditioner(tx)
   abstract = checkpointing.abstract_like(
       jax.eval_shape(functools.partial(init_diffusion_state, config, unet, tx, 1.0)),
       sharding.replicated(mesh))
@@ -342,11 +352,13 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   sharding.check_batch_size(config.data.batch_size, mesh)
+  vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=True)
+  features = conditioning.pipeline_features(config, vocabulary, train=True)
   batches = None
 
   def init():
     nonlocal batches
-    batches = _train_batches(config, mesh, 0)
+    batches = _train_batches(config, mesh, 0, features)
     first = next(batches)
     scale = compute_scale_factor(config, autoencoder, ae_params, first)
     logging.info('diffusion: scale_factor %.5f', scale)
@@ -367,16 +379,19 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
+  conditions = None
+  if config.train.image_every and config.diffusion.conditioning.name:
+    conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
 
   def on_images(state):
     images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
-                                 num_samples=sampler.batch_size)
+                                 num_samples=sampler.batch_size, conditions=conditions)
     if writer is not None:
       writer.image('diffusion/samples', sampler.grid(images), int(state.step))
       writer.flush()
 
   if batches is None:
-    batches = _train_batches(config, mesh, int(state.step))
+    batches = _train_batches(config, mesh, int(state.step), features)
   state = _run_stage('diffusion', state,
                      lambda s, b: step_fn(s, b, ae_params, schedule), batches,
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,

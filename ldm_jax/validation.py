@@ -5,7 +5,7 @@ only compares the config against them, so a new schedule needs no change here.
 """
 import ml_collections
 
-from ldm_jax import diffusion, losses, models, optim, sampling
+from ldm_jax import conditioning, diffusion, losses, models, optim, sampling, text
 from ldm_jax.errors import UserError
 
 RECONSTRUCTION_LOSSES = ('l1', 'l2')
@@ -77,8 +77,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.guidance_scale', lambda v: v >= 0, 'a number >= 0 (1 = no guidance)')
   _check(config, 'sample.class_label', lambda v: isinstance(v, int) and v >= -1,
          '-1 (every class) or a class index')
-  if config.sample.guidance_scale != 1 and not config.diffusion.class_conditional:
-    raise UserError('config.sample.guidance_scale needs a class-conditional model '
-                    '(config.diffusion.class_conditional=True); accepted: 1.0 here')
+  if (config.sample.guidance_scale != 1 and not config.diffusion.class_conditional
+      and not config.diffusion.conditioning.name):
+    raise UserError('config.sample.guidance_scale needs a conditional model '
+                    '(config.diffusion.class_conditional=True or '
+                    'config.diffusion.conditioning.name set); accepted: 1.0 here')
+  _validate_conditioning(config)
   for path in ('sample.num_samples', 'sample.batch_size'):
     _check(config, path, positive, 'a positive integer')
+
+
+def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
+  positive = lambda v: isinstance(v, int) and v > 0
+  c = config.diffusion.conditioning
+  _one_of(config, 'diffusion.conditioning.name', conditioning.NAMES)
+  _check(config, 'diffusion.model.transformer_depth', positive, 'a positive integer')
+  if conditioning.uses_context(config):
+    _check(config, 'diffusion.model.context_dim', positive,
+           f'a positive integer (the context width) for conditioning.name={c.name}')
+  else:
+    _check(config, 'diffusion.model.context_dim', lambda v: v == 0,
+           f'0 for conditioning.name={c.name!r} (no context); a context needs '
+           f'name class, text or precomputed')
+  if c.name == 'text':
+    _check(config, 'diffusion.conditioning.text.caption_key', lambda v: isinstance(v, str) and v,
+           'the name of a TFDS text feature')
+    _check(config, 'diffusion.conditioning.text.vocab_size',
+           lambda v: isinstance(v, int) and v > len(text.SPECIAL_TOKENS),
+           f'an integer > {len(text.SPECIAL_TOKENS)} (the special tokens)')
+    _check(config, 'diffusion.conditioning.text.max_length', lambda v: isinstance(v, int) and v >= 2,
+           'an integer >= 2 ([CLS] and at least one word)')
+    _check(config, 'diffusion.conditioning.text.num_layers', positive, 'a positive integer')
+    _check(config, 'diffusion.conditioning.text.num_heads',
+           lambda v: positive(v) and config.diffusion.model.context_dim % v == 0,
+           f'a positive divisor of diffusion.model.context_dim={config.diffusion.model.context_dim}')
+  if c.name == 'precomputed':
+    _check(config, 'diffusion.conditioning.precomputed.context_key',
+           lambda v: isinstance(v, str) and v, 'the name of a TFDS feature [L, context_dim]')
+  if c.name == 'concat':
+    _check(config, 'diffusion.conditioning.concat.factor',
+           lambda v: positive(v) and config.data.image_size % v == 0,
+           f'a positive divisor of data.image_size={config.data.image_size}')

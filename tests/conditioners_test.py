@@ -1,0 +1,369 @@
+"""Tests for conditioning: tokenizer, captions, conditioners, dropout, guidance, training."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import coco_text2img, digits_superres, digits_text, imagenet_sr4x
+from ldm_jax import builders, conditioning, generate, optim, sampling, text, train
+from ldm_jax.datasets import digits_captions
+from ldm_jax.errors import UserError
+from ldm_jax.models import conditioners
+from ldm_jax.validation import validate_config
+
+
+def _key(seed: int) -> jax.Array:
+  return jax.random.key(seed, impl='unsafe_rbg')
+
+
+# ------------------------------------------------------------------ tokenizer ----
+
+
+def test_vocabulary_by_frequency_and_encoding():
+  vocabulary = text.Vocabulary.build(['a thick seven', 'A thin SEVEN!', 'a two'], vocab_size=6)
+  assert vocabulary.tokens == (*text.SPECIAL_TOKENS, 'a', 'seven', 'thick')  # Ties: a-z.
+  ids = vocabulary.encode('a seven, a two', 6)  # 'two' did not make the cut: [UNK].
+  np.testing.assert_array_equal(ids, [text.CLS, 3, 4, 3, text.UNK, text.PAD])
+  np.testing.assert_array_equal(vocabulary.encode('seven seven seven seven seven', 3),
+                                [text.CLS, 4, 4])  # Cut to max_length.
+  assert vocabulary.decode(ids) == 'a seven a'
+  np.testing.assert_array_equal(text.empty_caption(4), [text.CLS, text.PAD, text.PAD, text.PAD])
+
+
+def test_prompts_are_strict(tmp_path):
+  vocabulary = text.Vocabulary.build(['a thick seven', 'a two'], vocab_size=10)
+  path = str(tmp_path / 'vocabulary.txt')
+  vocabulary.save(path)
+  assert text.Vocabulary.load(path).tokens == vocabulary.tokens
+  with pytest.raises(UserError, match="unknown word\\(s\\) 'fat' in 'a fat seven'; accepted "
+                                      "words: a seven thick two$"):
+    vocabulary.encode('a fat seven', 8, strict=True)
+  with pytest.raises(UserError, match='at most 2'):
+    vocabulary.encode('a thick seven', 3, strict=True)
+  with pytest.raises(UserError, match="unknown word\\(s\\) 'cls'"):
+    vocabulary.encode('[CLS] seven', 8, strict=True)  # Brackets separate: no special tokens.
+
+
+def test_tensorflow_tokenizer_matches_python():
+  vocabulary = text.Vocabulary.build(['a thick seven', "it's a two", 'large 3'], vocab_size=20)
+  encode = vocabulary.tf_encoder(6)
+  for caption in ['a thick seven', '  A  two!! seven;', "it's 3 unknown words here x", '', '??']:
+    np.testing.assert_array_equal(encode(tf.constant(caption)).numpy(),
+                                  vocabulary.encode(caption, 6), err_msg=caption)
+
+
+# ------------------------------------------------------------------- captions ----
+
+
+def test_measure_closed_forms():
+  image = np.zeros((32, 32, 1), np.uint8)
+  image[4:12, 10:14] = 255  # An upright 8x4 bar.
+  m = digits_captions.measure(image)
+  assert m['thickness'] == pytest.approx(32.0) and m['size'] == 32.0
+  assert m['slant'] == pytest.approx(0.0)
+  slanted = np.zeros((32, 32, 1), np.uint8)
+  for row in range(4, 20):  # Leaning right: the top is further right than the bottom.
+    slanted[row, 20 - row // 2] = 255
+  assert digits_captions.measure(slanted)['slant'] == pytest.approx(0.5, abs=0.05)
+
+
+def test_captions_name_digit_and_per_digit_thirds():
+  rng = np.random.default_rng(0)
+  images = np.zeros((60, 32, 32, 1), np.uint8)
+  labels = np.repeat([3, 7], 30)
+  for i in range(60):  # Bars of growing width: thickness and size grow with i % 30.
+    width = 1 + (i % 30) // 3
+    images[i, 8:20, 10:10 + width] = rng.integers(200, 256)
+  captions = digits_captions.captions(images, labels)
+  assert all(c.startswith('a ') for c in captions)
+  assert all(c.endswith(' three') for c in captions[:30]) and captions[30].endswith(' seven')
+  for offset in (0, 30):
+    words = [c.split() for c in captions[offset:offset + 30]]
+    assert sum('thin' in w for w in words) == 10 and sum('thick' in w for w in words) == 10
+    assert 'thin' in words[0] and 'thick' in words[-1]
+
+
+@pytest.fixture(scope='module')
+def captions_data_dir(digits_data_dir):
+  tfds.builder('digits_captions', data_dir=digits_data_dir).download_and_prepare()
+  return digits_data_dir
+
+
+def test_digits_captions_builder_keeps_digits_and_adds_captions(captions_data_dir):
+  read = lambda name: list(tfds.as_numpy(tfds.builder(name, data_dir=captions_data_dir)
+                                         .as_dataset(split='test', shuffle_files=False)))
+  plain, captioned = read('digits'), read('digits_captions')
+  assert len(plain) == len(captioned) == 297
+  for a, b in zip(plain[:20], captioned[:20]):
+    assert a['index'] == b['index'] and a['label'] == b['label']
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert b['caption'].decode().split()[-1] == digits_captions.DIGIT_WORDS[b['label']]
+
+
+# ---------------------------------------------------------------- conditioners ----
+
+
+def _encode(module, batch, drop):
+  params = jax.jit(module.init)(_key(0), batch, drop)
+  return params, module.apply(params, batch, drop)
+
+
+def test_class_context_null_is_the_extra_row():
+  module = conditioners.ClassContext(num_classes=3, context_dim=4)
+  params, out = _encode(module, {'label': jnp.array([0, 2, 1])}, jnp.array([False, False, True]))
+  table = params['params']['embedding']['embedding']
+  np.testing.assert_array_equal(out['context'][:, 0], table[jnp.array([0, 2, 3])])
+  assert out['context'].shape == (3, 1, 4) and bool(out['context_mask'].all())
+
+
+def test_text_encoder_null_is_the_empty_caption_and_rows_are_independent():
+  module = conditioners.TextEncoder(vocab_size=10, max_length=5, context_dim=8, num_heads=2)
+  tokens = jnp.array([[1, 4, 5, 0, 0], [1, 6, 0, 0, 0], [1, 7, 8, 9, 4]])
+  drop = jnp.array([False, True, False])
+  params, out = _encode(module, {'tokens': tokens}, drop)
+  np.testing.assert_array_equal(out['context_mask'],
+                                [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+  empty = jnp.asarray(text.empty_caption(5))[None]
+  null = module.apply(params, {'tokens': empty}, jnp.array([False]))
+  np.testing.assert_allclose(out['context'][1], null['context'][0], rtol=1e-6, atol=1e-6)
+  # Real positions do not see the padding: changing a padded token's id would be
+  # visible only through the mask, so shortening a caption changes only its own row.
+  shorter = module.apply(params, {'tokens': tokens.at[2, 4].set(0)}, drop)
+  np.testing.assert_allclose(shorter['context'][0], out['context'][0], rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(shorter['context'][2, :4] - out['context'][2, :4])).max() > 1e-4
+
+
+def test_precomputed_context_masks_zero_rows_and_learns_a_null_token():
+  module = conditioners.PrecomputedContext(context_dim=3)
+  context = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)), jnp.float32)
+  context = context.at[0, 2:].set(0.0).at[1].set(0.0)
+  params, out = _encode(module, {'context': context}, jnp.array([False, True]))
+  np.testing.assert_array_equal(out['context_mask'], [[1, 1, 0, 0], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(out['context'][0], context[0])
+  null_token = params['params']['null_token']
+  np.testing.assert_array_equal(out['context'][1], jnp.stack([null_token] + [jnp.zeros(3)] * 3))
+
+
+def test_concat_condition_resizes_and_flags_presence():
+  module = conditioners.ConcatCondition(latent_size=(4, 4))
+  image = jnp.full((2, 8, 8, 1), 0.5).at[1].set(-0.25)
+  _, out = _encode(module, {'cond_image': image}, jnp.array([False, True]))
+  concat = np.asarray(out['concat'])
+  assert concat.shape == (2, 4, 4, 2)
+  np.testing.assert_allclose(concat[0, ..., 0], 0.5, rtol=1e-6)  # Constant stays constant.
+  np.testing.assert_array_equal(concat[0, ..., 1], 1.0)
+  np.testing.assert_array_equal(concat[1], 0.0)  # Null: zero image, flag 0.
+
+
+@pytest.mark.parametrize('prob', [0.1, 0.5])
+def test_drop_mask_rate_matches_config(prob):
+  n = 200_000
+  drop = np.asarray(conditioning.drop_mask(jax.random.PRNGKey(1), n, prob))
+  assert abs(drop.mean() - prob) < 5 * np.sqrt(prob * (1 - prob) / n)
+
+
+# ----------------------------------------------------- model, guidance, training ----
+
+
+def _tiny(config, **conditioning_fields):
+  """`config` (a demo config) shrunk to test size, conditioning fields overridden."""
+  config.data.batch_size = 8
+  config.autoencoder.model.update(block_out_channels=(8, 16), latent_channels=2,
+                                  norm_num_groups=4)
+  config.diffusion.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                attention_resolutions=(8,), num_heads=2, norm_num_groups=4)
+  config.diffusion.optim.update(learning_rate=3e-3, warmup_steps=1)
+  config.diffusion.num_train_steps = 30
+  config.diffusion.conditioning.update(conditioning_fields)
+  return config
+
+
+def _text_config(data_dir):
+  config = _tiny(digits_text.get_config())
+  config.data.data_dir = data_dir
+  config.diffusion.model.context_dim = 8
+  config.diffusion.conditioning.text.update(num_layers=1, num_heads=2, max_length=6)
+  return config
+
+
+def _configs(data_dir):
+  text_config = _text_config(data_dir)
+  class_config = _text_config(data_dir)
+  class_config.data.name = 'digits'
+  class_config.diffusion.conditioning.name = 'class'
+  precomputed = _text_config(data_dir)
+  precomputed.diffusion.conditioning.name = 'precomputed'
+  concat = _tiny(digits_superres.get_config())
+  concat.data.data_dir = data_dir
+  return {'class': class_config, 'text': text_config, 'precomputed': precomputed,
+          'concat': concat}
+
+
+def _batch(config, vocabulary):
+  """A fixed batch with the conditioner's features (precomputed: a random context)."""
+  name = config.diffusion.conditioning.name
+  if name == 'precomputed':  # The digits carry no context: read them without one.
+    config = config.copy_and_resolve_references()
+    config.diffusion.conditioning.name = ''
+  examples = conditioning.eval_examples(
+      config, vocabulary if name == 'text' else None, config.data.batch_size)
+  batch = {'image': examples['image'], 'label': examples['label']}
+  if name == 'precomputed':
+    context = np.random.default_rng(0).standard_normal((config.data.batch_size, 3, 8))
+    context[:, 2:] = 0.0  # Padding.
+    batch['context'] = context.astype(np.float32)
+  else:
+    batch.update({k: examples[k] for k in conditioning.BATCH_KEYS[name]})
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.fixture(scope='module')
+def setups(captions_data_dir, tmp_path_factory):
+  """Per conditioner: (config, model, ae, ae_params, vocabulary, batch)."""
+  configs = _configs(captions_data_dir)
+  workdir = str(tmp_path_factory.mktemp('text_run'))
+  vocabulary = conditioning.load_or_build_vocabulary(configs['text'], workdir, build=True)
+  autoencoder = builders.build_autoencoder(configs['text'])
+  ae_params = jax.jit(autoencoder.init)(_key(0), jnp.zeros((1, 32, 32, 1)))['params']
+  out = {}
+  for name, config in configs.items():
+    model = builders.build_unet(config, builders.num_classes(config))
+    out[name] = (config, model, autoencoder, ae_params, vocabulary, _batch(config, vocabulary))
+  return out
+
+
+def test_vocabulary_is_built_from_training_captions(setups):
+  vocabulary = setups['text'][4]
+  assert set(vocabulary.words) == {'a', 'thin', 'thick', 'small', 'large', 'slanted',
+                                   *digits_captions.DIGIT_WORDS}
+
+
+def test_pipeline_tokens_are_the_captions(setups, captions_data_dir):
+  config, _, _, _, vocabulary, batch = setups['text']
+  captions = [e['caption'].decode() for e in tfds.as_numpy(
+      tfds.builder('digits_captions', data_dir=captions_data_dir).as_dataset(
+          split='test', shuffle_files=False).take(8))]
+  expected = np.stack([vocabulary.encode(c, config.diffusion.conditioning.text.max_length)
+                       for c in captions])
+  np.testing.assert_array_equal(batch['tokens'], expected)
+
+
+def test_pipeline_low_resolution_is_the_area_average(setups):
+  _, _, _, _, _, batch = setups['concat']
+  image = np.asarray(batch['image'])
+  expected = image.reshape(8, 8, 4, 8, 4, 1).mean(axis=(2, 4))
+  np.testing.assert_allclose(batch['cond_image'], expected, rtol=1e-5, atol=1e-5)
+
+
+def _randomized(params, seed: int, scale: float = 0.2):
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(scale * rng.standard_normal(leaf.shape), jnp.float32) for leaf in leaves])
+
+
+@pytest.mark.parametrize('name', ['text', 'concat'])
+def test_guidance_over_conditions(setups, name):
+  config, model, _, _, _, batch = setups[name]
+  features = {k: batch[k] for k in conditioning.BATCH_KEYS[name]}
+  shape = (8, *builders.latent_shape(config))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+  t = jnp.linspace(0.0, 900.0, 8)
+  params = jax.jit(model.init)(_key(0), x, t, cond=features)['params']
+  params = _randomized(params, 2)
+  model_fn, cond, null_cond = generate.model_and_conditions(model, params, None, features)
+  apply = lambda drop: model.apply({'params': params}, x, t, cond=features, drop=drop)
+  conditional, unconditional = apply(jnp.zeros(8, bool)), apply(jnp.ones(8, bool))
+  assert np.abs(np.asarray(conditional - unconditional)).max() > 1e-3
+  np.testing.assert_allclose(sampling.guided(model_fn, 1.0, cond, null_cond)(x, t), conditional,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sampling.guided(model_fn, 3.0, cond, null_cond)(x, t),
+                             unconditional + 3.0 * (conditional - unconditional),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name,frozen', [('class', False), ('text', False), ('text', True),
+                                         ('precomputed', False), ('concat', False)])
+def test_each_conditioner_trains(setups, name, frozen):
+  config, model, autoencoder, ae_params, _, batch = setups[name]
+  config = config.copy_and_resolve_references()
+  config.diffusion.conditioning.frozen = frozen
+  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  if frozen:
+    tx = conditioning.freeze_conditioner(tx)
+  state = jax.jit(functools.partial(train.init_diffusion_state, config, model, tx))(1.0)
+  step = jax.jit(functools.partial(
+      train.diffusion_train_step, autoencoder=autoencoder, unet=model, config=config.diffusion,
+      lr_schedule=lr_schedule))
+  schedule = builders.make_schedule(config)
+  initial = state.params.get('conditioner', {})
+  losses = []
+  for _ in range(config.diffusion.num_train_steps):
+    state, metrics = step(state, batch, ae_params, schedule)
+    losses.append(float(metrics['loss']))
+  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
+  changes = [float(jnp.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(initial), jax.tree.leaves(state.params.get('conditioner', {})))]
+  if name == 'concat':
+    assert not changes  # Resizing has no parameters.
+  elif frozen:
+    assert max(changes) == 0.0
+  else:
+    assert max(changes) > 0.0
+
+
+# -------------------------------------------------------------- sampling inputs ----
+
+
+def test_sample_conditions_from_prompts_and_from_the_eval_split(setups):
+  config, _, _, _, vocabulary, batch = setups['text']
+  conditions, ncols = conditioning.sample_conditions(config, vocabulary, 5,
+                                                     ['a thick three', 'a two'])
+  assert ncols == 3
+  expected = [vocabulary.encode(p, 6) for p in ['a thick three'] * 3 + ['a two'] * 2]
+  np.testing.assert_array_equal(conditions['tokens'], expected)
+  with pytest.raises(UserError, match="unknown word\\(s\\) 'fat'.*accepted words: a eight"):
+    conditioning.sample_conditions(config, vocabulary, 2, ['a fat three'])
+  from_eval, ncols = conditioning.sample_conditions(config, vocabulary, 8)
+  assert ncols is None
+  np.testing.assert_array_equal(from_eval['tokens'], batch['tokens'])
+  concat_config = setups['concat'][0]
+  with pytest.raises(UserError, match="--prompt needs a text-conditioned model"):
+    conditioning.sample_conditions(concat_config, None, 2, ['a two'])
+
+
+# --------------------------------------------------------------------- configs ----
+
+
+@pytest.mark.parametrize('module', [digits_text, digits_superres, coco_text2img, imagenet_sr4x])
+def test_conditioning_configs_validate(module):
+  config = module.get_config()
+  validate_config(config)
+  assert builders.latent_shape(config)[0] == config.data.image_size // (
+      2 ** (len(config.autoencoder.model.block_out_channels) - 1))
+  if config.diffusion.conditioning.name == 'concat':  # The low-res grid is the latent grid.
+    assert conditioning.cond_image_size(config) == builders.latent_shape(config)[0]
+
+
+@pytest.mark.parametrize('override,message', [
+    (dict(name='texts'), 'conditioning.name'),
+    (dict(name='text', context_dim=0), 'context_dim=0 .*positive integer'),
+    (dict(name='concat', context_dim=8), 'context_dim=8 .*0 for conditioning.name'),
+    (dict(name='text', context_dim=8, num_heads=3), 'num_heads=3 .*divisor of .*context_dim=8'),
+    (dict(name='concat', factor=5), 'factor=5 .*divisor of data.image_size=32'),
+])
+def test_bad_conditioning_is_one_line(override, message):
+  config = digits_text.get_config()
+  c = config.diffusion.conditioning
+  c.name = override.get('name', c.name)
+  config.diffusion.model.context_dim = override.get('context_dim', 64)
+  if 'num_heads' in override:
+    c.text.num_heads = override['num_heads']
+  if 'factor' in override:
+    c.concat.factor = override['factor']
+  with pytest.raises(UserError, match=message):
+    validate_config(config)
