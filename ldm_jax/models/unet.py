@@ -31,6 +31,9 @@ class UNet(nn.Module):
     num_res_blocks: ResnetBlocks per down level (up levels: one more).
     attention_resolutions: feature-map heights (e.g. 16 for 16x16) at which each
       ResnetBlock is followed by self-attention; decided from the input at call time.
+    attention_levels: if set, the level indices (0 = highest resolution) whose down
+      and up blocks have attention, in place of `attention_resolutions`; this is how
+      diffusers' `AttnDownBlock2D` / `AttnUpBlock2D` choices are expressed.
     num_heads: attention heads (must divide the channels where attention is used).
     head_dim: > 0 uses heads of this width instead (`channels // head_dim` heads,
       so wider levels get more heads); 0 uses `num_heads` everywhere.
@@ -42,6 +45,8 @@ class UNet(nn.Module):
     norm_eps: GroupNorm epsilon.
     time_embed_dim: width of the time embedding; None means `4 * base_channels`.
     mid_attention: self-attention in the middle block.
+    flip_sin_to_cos: sinusoidal time embedding order (see `timestep_embedding`).
+    freq_shift: `downscale_freq_shift` of the time embedding.
   """
 
   out_channels: int
@@ -57,6 +62,9 @@ class UNet(nn.Module):
   norm_eps: float = 1e-5
   time_embed_dim: int | None = None
   mid_attention: bool = True
+  attention_levels: Sequence[int] | None = None
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
 
   @property
   def null_class(self) -> int:
@@ -93,7 +101,8 @@ class UNet(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))  # [B]
 
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
-    temb = timestep_embedding(t, self.base_channels)  # [B, base]
+    temb = timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                              downscale_freq_shift=self.freq_shift)  # [B, base]
     temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
     if self.num_classes > 0:
       if y is None:
@@ -107,7 +116,9 @@ class UNet(nn.Module):
         raise ValueError(f'UNet: {channels} channels are not divisible by head_dim={self.head_dim}')
       return channels // self.head_dim
 
-    def heads_at(resolution: int, channels: int) -> int | None:
+    def heads_at(level: int, resolution: int, channels: int) -> int | None:
+      if self.attention_levels is not None:
+        return heads(channels) if level in self.attention_levels else None
       return heads(channels) if resolution in self.attention_resolutions else None
 
     common = dict(
@@ -121,7 +132,7 @@ class UNet(nn.Module):
       h, block_skips = DownBlock(
           out_channels=self.base_channels * mult,
           num_layers=self.num_res_blocks,
-          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          attention_heads=heads_at(i, h.shape[1], self.base_channels * mult),
           add_downsample=i < num_levels - 1,
           name=f'down_blocks_{i}',
           **common,
@@ -138,7 +149,7 @@ class UNet(nn.Module):
       h = UpBlock(
           out_channels=self.base_channels * mult,
           num_layers=num_up_layers,
-          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          attention_heads=heads_at(num_levels - 1 - i, h.shape[1], self.base_channels * mult),
           add_upsample=i < num_levels - 1,
           name=f'up_blocks_{i}',
           **common,
