@@ -43,10 +43,11 @@ def _check_pointer(directory: str, path: str, *, create: bool) -> None:
                       f'in {directory} were trained on ({recorded["path"]}, sha256 '
                       f'{recorded["sha256"][:12]}...); accepted: those weights')
   elif create:
-    os.makedirs(directory, exist_ok=True)
-    with open(pointer + '.tmp', 'w') as f:
-      json.dump({'path': os.path.abspath(path), 'sha256': digest}, f, indent=2)
-    os.replace(pointer + '.tmp', pointer)
+    if jax.process_index() == 0:  # One writer; the other processes share the file system.
+      os.makedirs(directory, exist_ok=True)
+      with open(pointer + '.tmp', 'w') as f:
+        json.dump({'path': os.path.abspath(path), 'sha256': digest}, f, indent=2)
+      os.replace(pointer + '.tmp', pointer)
   else:
     raise UserError(f'{directory} has no {BASE_POINTER}: it holds no LoRA adapters; '
                     f'accepted: the workdir of a run with config.diffusion.lora.rank > 0')
@@ -66,7 +67,7 @@ def base_params(config: ml_collections.ConfigDict, checkpoint_dir: str, mesh, *,
   if not lora_enabled(config):
     return None
   path = config.diffusion.init_from
-  _check_pointer(checkpoint_dir, path, create=create and jax.process_index() == 0)
+  _check_pointer(checkpoint_dir, path, create=create)
   _, params = pretrained.load_unet(path)
   return jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 

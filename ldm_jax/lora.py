@@ -100,4 +100,6 @@ class Adapted:
     return self.model.apply({'params': params}, *args, **kwargs)
 
   def __getattr__(self, name: str):
+    if name == 'model':  # Not set yet (e.g. during copying): no recursion.
+      raise AttributeError(name)
     return getattr(self.model, name)
