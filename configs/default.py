@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Stage 1: KL-regularized autoencoder (same block structure as the SD VAE).
   config.autoencoder = dict(
       workdir='',             # Reuse stage 1 of another run (its WORKDIR) instead of training.
+      # A diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-mse) used instead of
+      # training stage 1; `model` is then read from its config.json and its scaling_factor
+      # is the diffusion scale_factor unless that is set.
+      pretrained='',
       model=dict(
           name='autoencoder_kl',
           block_out_channels=(16, 32, 32),  # Downsampling factor 2**(len - 1) = 4.
@@ -64,6 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
           transformer_depth=1,          # Transformer blocks per spatial transformer.
           use_linear_projection=False,  # Spatial transformer proj_in/out: Dense (SD 2), not 1x1 conv.
       ),
+      # A diffusers UNet2DModel folder that stage 2 starts from; the U-Net is built from
+      # its config.json (`model` above is then unused).
+      init_from='',
+      # LoRA fine-tuning of the init_from U-Net: rank 0 = off (train all weights).
+      # Adapters on the kernels of the named submodules (ldm_jax/lora.py lists them;
+      # e.g. add 'conv1', 'conv2' for the ResnetBlock convs), scaled by alpha / rank.
+      lora=dict(rank=0, alpha=4.0, targets=('to_q', 'to_k', 'to_v', 'to_out')),
       class_conditional=True,  # Condition on dataset labels (a learned embedding).
       cond_drop_prob=0.1,      # Label and condition -> null at this rate (classifier-free guidance).
       # What else the U-Net is conditioned on (LDM section 3.3); see ldm_jax/conditioning.py.

@@ -6,13 +6,19 @@ them as keyword arguments (plus values derived from data, like channel counts).
 import ml_collections
 from flax import linen as nn
 
-from ldm_jax import diffusion, input_pipeline, models
+from ldm_jax import diffusion, input_pipeline, models, pretrained
 from ldm_jax.models import conditioners
 from ldm_jax.errors import UserError
 
 
 def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
-  """The stage-1 model named by `config.autoencoder.model`."""
+  """The stage-1 model named by `config.autoencoder.model`, or the pretrained one's."""
+  if config.autoencoder.pretrained:
+    model, in_channels = pretrained.autoencoder_module(config.autoencoder.pretrained)
+    if in_channels != config.data.num_channels:
+      raise UserError(f'config.data.num_channels={config.data.num_channels} but the pretrained '
+                      f'autoencoder takes {in_channels}; accepted: {in_channels}')
+    return model
   return _build('autoencoder', config.autoencoder.model,
                 out_channels=config.data.num_channels)
 
@@ -20,9 +26,13 @@ def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
 def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """The stage-2 model; `num_classes` > 0 adds a label embedding.
 
-  With `config.diffusion.conditioning.name` set, the U-Net and that conditioner as
-  one `ConditionedUNet`.
+  With `config.diffusion.init_from` the U-Net is the one its config.json describes
+  (`config.diffusion.model` is not used); it must fit the latents and labels. With
+  `config.diffusion.conditioning.name` set, the U-Net and that conditioner as one
+  `ConditionedUNet`.
   """
+  if config.diffusion.init_from:
+    return _pretrained_unet(config, num_classes)
   unet = _build('diffusion', config.diffusion.model,
                 out_channels=config.autoencoder.model.latent_channels,
                 num_classes=num_classes)
@@ -52,6 +62,22 @@ def build_conditioner(config: ml_collections.ConfigDict) -> nn.Module:
   return conditioners.CONDITIONERS[c.name](**kwargs)
 
 
+def _pretrained_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  path = config.diffusion.init_from
+  model, in_channels = pretrained.unet_module(path)
+  channels = latent_shape(config)[-1]
+  if (in_channels, model.out_channels) != (channels, channels):
+    raise UserError(f'config.diffusion.init_from={path!r} maps {in_channels} to '
+                    f'{model.out_channels} channels; accepted: a U-Net on the {channels}-channel '
+                    f'latents of the autoencoder')
+  if model.num_classes != num_classes:
+    raise UserError(f'config.diffusion.init_from={path!r} has {model.num_classes} classes but '
+                    f'the run needs {num_classes} (config.diffusion.class_conditional='
+                    f'{config.diffusion.class_conditional}); accepted: a U-Net with '
+                    f'{num_classes} classes')
+  return model
+
+
 def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn.Module:
   kwargs = {k: v for k, v in model_config.items() if k != 'name'}
   try:
@@ -62,9 +88,17 @@ def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """[h, w, c] of the latents for the configured image size and autoencoder."""
-  factor = 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
-  size = config.data.image_size // factor
+  size = config.data.image_size // downsample_factor(config)
+  if config.autoencoder.pretrained:
+    return size, size, pretrained.autoencoder_module(config.autoencoder.pretrained)[0].latent_channels
   return size, size, config.autoencoder.model.latent_channels
+
+
+def downsample_factor(config: ml_collections.ConfigDict) -> int:
+  """Spatial factor between images and latents of the configured (or pretrained) autoencoder."""
+  if config.autoencoder.pretrained:
+    return pretrained.autoencoder_module(config.autoencoder.pretrained)[0].downsample_factor
+  return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:

@@ -15,10 +15,11 @@ from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'train_autoencoder', 'sample', 'edit'],
+flags.DEFINE_enum('mode', 'train', ['train', 'train_autoencoder', 'sample', 'edit', 'merge_lora'],
                   'train: stage 1, stage 2, then samples. train_autoencoder: stage 1 only. '
                   'sample: samples from the latest checkpoint. edit: inpainting or img2img '
-                  'of config.edit.input.')
+                  'of config.edit.input. merge_lora: LoRA adapters merged into their base, '
+                  'as WORKDIR/merged_unet.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
@@ -32,6 +33,7 @@ MODES = {
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples,
                                                         FLAGS.prompt),
     'edit': editing.edit_mode,
+    'merge_lora': modes.merge_lora_mode,
 }
 
 

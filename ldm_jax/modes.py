@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import conditioning, generate, input_pipeline, sharding, train
+from ldm_jax import conditioning, generate, input_pipeline, pretrained, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -94,3 +94,21 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_samples,
                  conditions=conditions, ncols=ncols)
+
+
+def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Merges the latest LoRA adapters (EMA) into their base; writes a diffusers folder.
+
+  The folder, WORKDIR/merged_unet, loads with `pretrained.load_unet`, as
+  `config.diffusion.init_from` of another run, or in diffusers as a `UNet2DModel`.
+  """
+  validate_config(config)
+  if not config.diffusion.lora.rank:
+    raise UserError('--mode=merge_lora needs the LoRA run\'s config; accepted: '
+                    'config.diffusion.lora.rank > 0 with its config.diffusion.init_from')
+  mesh = sharding.make_mesh()
+  unet, state, _, _, _ = train.restore_trained(config, workdir, mesh)
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'merged_unet')
+    pretrained.save_unet(unet, jax.device_get(state.ema_params), path)
+    print(f'merged U-Net (step {int(jax.device_get(state.step))}): {path}')

@@ -22,9 +22,8 @@ from flax import linen as nn
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, checkpointing, conditioning, diffusion, generate, input_pipeline
-from ldm_jax import losses
-from ldm_jax import models, optim, sharding
+from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, generate
+from ldm_jax import input_pipeline, losses, models, optim, pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -45,17 +44,21 @@ def init_autoencoder_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 def init_diffusion_state(config: ml_collections.ConfigDict, model: nn.Module,
                          tx: optax.GradientTransformation,
-                         scale_factor: float | jax.Array) -> DiffusionTrainState:
+                         scale_factor: float | jax.Array,
+                         params=None) -> DiffusionTrainState:
+  """A fresh stage-2 state from `params` (pretrained U-Net weights) or a random init."""
   # A different stream than stage 1, still determined by config.seed.
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   rng_params, rng_state = jax.random.split(rng)
-  x = jnp.zeros((1, *builders.latent_shape(config)))
-  t = jnp.zeros((1,), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
-  cond = {}
-  if config.diffusion.conditioning.name:
-    cond = dict(cond=conditioning.example_batch(config))
-  params = model.init(rng_params, x, t, y, **cond)['params']
+  if params is None:
+    x = jnp.zeros((1, *builders.latent_shape(config)))
+    t = jnp.zeros((1,), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32)
+    cond = {}
+    if config.diffusion.conditioning.name:
+      cond = dict(cond=conditioning.example_batch(config))
+    params = model.init(rng_params, x, t, y, **cond)['params']
+  params = finetune.trainable_params(config, rng_params, params)
   return create_train_state(params, tx, rng_state, DiffusionTrainState,
                             scale_factor=jnp.asarray(scale_factor, jnp.float32))
 
@@ -243,6 +246,10 @@ def autoencoder_setup(config: ml_collections.ConfigDict, mesh):
 
 def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(model, params) of the trained stage 1, EMA params (== raw params when decay is 0)."""
+  if config.autoencoder.pretrained:
+    logging.info('autoencoder: pretrained %s', config.autoencoder.pretrained)
+    _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)
+    return builders.build_autoencoder(config), jax.device_put(params, sharding.replicated(mesh))
   model, _, _, abstract = autoencoder_setup(config, mesh)
   manager = checkpointing.make_manager(autoencoder_checkpoint_dir(config, workdir),
                                        keep=config.train.keep_checkpoints, read_only=True)
@@ -254,8 +261,8 @@ def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Trains (or resumes, or skips when finished) stage 1; returns (model, params)."""
-  if config.autoencoder.workdir:
-    logging.info('autoencoder: using %s', config.autoencoder.workdir)
+  if config.autoencoder.workdir or config.autoencoder.pretrained:
+    logging.info('autoencoder: using %s', config.autoencoder.workdir or config.autoencoder.pretrained)
     return restore_autoencoder(config, workdir, mesh)
   ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
   model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
@@ -339,6 +346,8 @@ def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Modu
   """`config.diffusion.scale_factor`, or 1/std of the latents of one training batch."""
   if config.diffusion.scale_factor > 0:
     return float(config.diffusion.scale_factor)
+  if config.autoencoder.pretrained:
+    return pretrained.scaling_factor(config.autoencoder.pretrained)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
   latents = jax.jit(functools.partial(encode_latents, autoencoder=autoencoder))(
       ae_params, batch['image'], rng)
@@ -347,7 +356,11 @@ def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Modu
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
                     autoencoder: nn.Module, ae_params) -> tuple[nn.Module, DiffusionTrainState]:
-  """Trains (or resumes, or skips when finished) stage 2; returns (U-Net, state)."""
+  """Trains (or resumes, or skips when finished) stage 2.
+
+  Returns:
+    (U-Net, state); with LoRA the state's params are merged into full U-Net params.
+  """
   ckpt_dir, log_dir = _stage_dirs(workdir, 'diffusion')
   unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
@@ -355,6 +368,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=True)
   features = conditioning.pipeline_features(config, vocabulary, train=True)
   batches = None
+  base = finetune.base_params(config, ckpt_dir, mesh, create=True)  # None without LoRA.
 
   def init():
     nonlocal batches
@@ -363,18 +377,20 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
     scale = compute_scale_factor(config, autoencoder, ae_params, first)
     logging.info('diffusion: scale_factor %.5f', scale)
     init_fn = functools.partial(init_diffusion_state, config, unet, tx)
-    return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(scale)
+    return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(
+        scale, finetune.start_params(config, base))
 
   num_steps = config.diffusion.num_train_steps
   state, finished = _start_stage('diffusion', manager, init, abstract, num_steps)
   if finished:
-    return unet, state
+    return unet, finetune.with_full_params(config, state, base)
 
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(diffusion_train_step, autoencoder=autoencoder, unet=unet,
-                        config=config.diffusion, lr_schedule=lr_schedule),
-      in_shardings=(replicated, data, replicated, replicated),
+      finetune.with_base(config, functools.partial(
+          diffusion_train_step, autoencoder=autoencoder, unet=unet, config=config.diffusion,
+          lr_schedule=lr_schedule), unet),
+      in_shardings=(replicated, data, replicated, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
@@ -384,7 +400,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
     conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
 
   def on_images(state):
-    images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+    images, _ = sampler.generate(finetune.full_params(config, state.ema_params, base),
+                                 ae_params, state.scale_factor,
                                  num_samples=sampler.batch_size, conditions=conditions)
     if writer is not None:
       writer.image('diffusion/samples', sampler.grid(images), int(state.step))
@@ -393,10 +410,10 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   if batches is None:
     batches = _train_batches(config, mesh, int(state.step), features)
   state = _run_stage('diffusion', state,
-                     lambda s, b: step_fn(s, b, ae_params, schedule), batches,
+                     lambda s, b: step_fn(s, b, ae_params, schedule, base), batches,
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
                      on_images=on_images if config.train.image_every else None)
-  return unet, state
+  return unet, finetune.with_full_params(config, state, base)
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh):
@@ -410,5 +427,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh):
   if manager.latest_step() is None:
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   state = checkpointing.restore(manager, abstract)
+  base = finetune.base_params(config, ckpt_dir, mesh, create=False)
+  state = finetune.with_full_params(config, state, base)
   autoencoder, ae_params = restore_autoencoder(config, workdir, mesh)
   return unet, state, num_classes, autoencoder, ae_params

@@ -5,7 +5,7 @@ only compares the config against them, so a new schedule needs no change here.
 """
 import ml_collections
 
-from ldm_jax import conditioning, diffusion, losses, models, optim, sampling, text
+from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling, text
 from ldm_jax.errors import UserError
 
 RECONSTRUCTION_LOSSES = ('l1', 'l2')
@@ -41,7 +41,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'autoencoder.model.name', tuple(models.MODELS))
   _one_of(config, 'autoencoder.reconstruction_loss', RECONSTRUCTION_LOSSES)
   _check(config, 'autoencoder.kl_weight', lambda v: v >= 0, 'a number >= 0')
-  factor = 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+  if config.autoencoder.pretrained and config.autoencoder.workdir:
+    raise UserError('config.autoencoder.pretrained and config.autoencoder.workdir are both set; '
+                    'accepted: at most one source of stage-1 weights')
+  factor = builders.downsample_factor(config)
   _check(config, 'data.image_size', lambda v: v % factor == 0,
          f'a multiple of the autoencoder downsampling factor {factor}')
   _one_of(config, 'diffusion.model.name', tuple(models.MODELS))
@@ -58,6 +61,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for path in ('diffusion.min_snr_gamma', 'diffusion.p2_k'):
     _check(config, path, lambda v: v > 0, 'a positive number')
   _check(config, 'diffusion.p2_gamma', lambda v: v >= 0, 'a number >= 0')
+  _validate_lora(config)
   for stage in ('autoencoder', 'diffusion'):
     _check(config, f'{stage}.num_train_steps', non_negative, 'an integer >= 0')
     _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'a number in [0, 1)')
@@ -91,6 +95,10 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
   positive = lambda v: isinstance(v, int) and v > 0
   c = config.diffusion.conditioning
   _one_of(config, 'diffusion.conditioning.name', conditioning.NAMES)
+  if c.name and config.diffusion.init_from:
+    raise UserError(f'config.diffusion.conditioning.name={c.name!r} cannot start from '
+                    f'config.diffusion.init_from (a diffusers UNet2DModel has no conditioner); '
+                    f'accepted: init_from=\'\' with a conditioner')
   _check(config, 'diffusion.model.transformer_depth', positive, 'a positive integer')
   if conditioning.uses_context(config):
     _check(config, 'diffusion.model.context_dim', positive,
@@ -118,3 +126,15 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
     _check(config, 'diffusion.conditioning.concat.factor',
            lambda v: positive(v) and config.data.image_size % v == 0,
            f'a positive divisor of data.image_size={config.data.image_size}')
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+  _check(config, 'diffusion.lora.rank', lambda v: isinstance(v, int) and v >= 0,
+         'an integer >= 0 (0 = off)')
+  _check(config, 'diffusion.lora.alpha', lambda v: v > 0, 'a positive number')
+  _check(config, 'diffusion.lora.targets',
+         lambda v: isinstance(v, (tuple, list)) and v and set(v) <= set(lora.TARGETS),
+         f'a non-empty tuple of {", ".join(lora.TARGETS)}')
+  if config.diffusion.lora.rank and not config.diffusion.init_from:
+    raise UserError('config.diffusion.lora.rank > 0 needs a base U-Net; accepted: '
+                    'config.diffusion.init_from=PATH of a diffusers UNet2DModel folder')

@@ -354,7 +354,7 @@ def test_conditioning_configs_validate(module):
     (dict(name='text', context_dim=0), 'context_dim=0 .*positive integer'),
     (dict(name='concat', context_dim=8), 'context_dim=8 .*0 for conditioning.name'),
     (dict(name='text', context_dim=8, num_heads=3), 'num_heads=3 .*divisor of .*context_dim=8'),
-    (dict(name='concat', factor=5), 'factor=5 .*divisor of data.image_size=32'),
+    (dict(name='concat', context_dim=0, factor=5), 'factor=5 .*divisor of data.image_size=32'),
 ])
 def test_bad_conditioning_is_one_line(override, message):
   config = digits_text.get_config()

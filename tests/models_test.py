@@ -84,6 +84,16 @@ def test_timestep_embedding_closed_form():
   np.testing.assert_allclose(emb, np.concatenate([np.cos(args), np.sin(args)], -1), rtol=1e-5, atol=1e-5)
 
 
+def test_timestep_embedding_sin_first_with_frequency_shift():
+  # The original DDPM form: dim 8, shift 1 -> freqs 10000 ** (-k / 3), sines first.
+  t = np.array([0.0, 1.5, 250.0])
+  emb = np.asarray(timestep_embedding(jnp.asarray(t), 8, flip_sin_to_cos=False,
+                                      downscale_freq_shift=1.0))
+  args = t[:, None] * 10000.0 ** (-np.arange(4) / 3)
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(args), np.cos(args)], -1),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_timestep_embedding_odd_dim_and_fractional_t():
   emb = timestep_embedding(jnp.array([3.0, 3.25]), 5)
   assert emb.shape == (2, 5)

@@ -14,17 +14,22 @@ import jax.numpy as jnp
 from ldm_jax.models.transformer import SpatialTransformer
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
+                       flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0) -> jax.Array:
   """Sinusoidal embedding of (possibly fractional) timesteps.
 
-  Matches diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos=True,
-  downscale_freq_shift=0)`: frequencies `max_period ** (-k / half)` for
-  `k = 0 .. half - 1`, output `[cos(t * freqs), sin(t * freqs)]`.
+  Matches diffusers `get_timestep_embedding`: frequencies
+  `max_period ** (-k / (half - downscale_freq_shift))` for `k = 0 .. half - 1`,
+  output `[cos(t * freqs), sin(t * freqs)]` (sin first without `flip_sin_to_cos`).
 
   Args:
     t: timesteps, [B], any real values.
     dim: embedding width; an odd width gets a trailing zero column.
-    max_period: controls the lowest frequency, `1 / max_period ** ((half - 1) / half)`.
+    max_period: controls the lowest frequency.
+    flip_sin_to_cos: cosines first (diffusers' default); False puts sines first, as
+      the original DDPM code does.
+    downscale_freq_shift: 0 in diffusers' default, 1 in the original DDPM code.
 
   Returns:
     [B, dim] float32 embedding.
@@ -35,9 +40,11 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   if t.ndim != 1:
     raise ValueError(f'timesteps must have shape [B], got {t.shape}')
   half = dim // 2
-  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  exponent = jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+  freqs = jnp.exp(-jnp.log(max_period) * exponent)  # [half]
   args = t[:, None] * freqs[None, :]  # [B, half]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)  # [B, 2 * half]
+  waves = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
+  emb = jnp.concatenate(waves, axis=-1)  # [B, 2 * half]
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb

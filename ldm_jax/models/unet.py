@@ -31,6 +31,9 @@ class UNet(nn.Module):
     num_res_blocks: ResnetBlocks per down level (up levels: one more).
     attention_resolutions: feature-map heights (e.g. 16 for 16x16) at which each
       ResnetBlock is followed by self-attention; decided from the input at call time.
+    attention_levels: if set, the level indices (0 = highest resolution) whose down
+      and up blocks have attention, in place of `attention_resolutions`; this is how
+      diffusers' `AttnDownBlock2D` / `AttnUpBlock2D` choices are expressed.
     num_heads: attention heads (must divide the channels where attention is used).
     head_dim: > 0 uses heads of this width instead (`channels // head_dim` heads,
       so wider levels get more heads); 0 uses `num_heads` everywhere.
@@ -48,6 +51,8 @@ class UNet(nn.Module):
     transformer_depth: transformer blocks per spatial transformer.
     use_linear_projection: spatial transformer projections as Dense layers
       (Stable Diffusion 2) instead of 1x1 convolutions (LDM, SD 1).
+    flip_sin_to_cos: sinusoidal time embedding order (see `timestep_embedding`).
+    freq_shift: `downscale_freq_shift` of the time embedding.
   """
 
   out_channels: int
@@ -66,6 +71,9 @@ class UNet(nn.Module):
   context_dim: int = 0
   transformer_depth: int = 1
   use_linear_projection: bool = False
+  attention_levels: Sequence[int] | None = None
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
 
   @property
   def null_class(self) -> int:
@@ -112,7 +120,8 @@ class UNet(nn.Module):
                        f'[B, S, {self.context_dim}], got {got}')
 
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
-    temb = timestep_embedding(t, self.base_channels)  # [B, base]
+    temb = timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                              downscale_freq_shift=self.freq_shift)  # [B, base]
     temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
     if self.num_classes > 0:
       if y is None:
@@ -126,7 +135,9 @@ class UNet(nn.Module):
         raise ValueError(f'UNet: {channels} channels are not divisible by head_dim={self.head_dim}')
       return channels // self.head_dim
 
-    def heads_at(resolution: int, channels: int) -> int | None:
+    def heads_at(level: int, resolution: int, channels: int) -> int | None:
+      if self.attention_levels is not None:
+        return heads(channels) if level in self.attention_levels else None
       return heads(channels) if resolution in self.attention_resolutions else None
 
     common = dict(
@@ -143,7 +154,7 @@ class UNet(nn.Module):
       h, block_skips = DownBlock(
           out_channels=self.base_channels * mult,
           num_layers=self.num_res_blocks,
-          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          attention_heads=heads_at(i, h.shape[1], self.base_channels * mult),
           add_downsample=i < num_levels - 1,
           name=f'down_blocks_{i}',
           **common,
@@ -160,7 +171,7 @@ class UNet(nn.Module):
       h = UpBlock(
           out_channels=self.base_channels * mult,
           num_layers=num_up_layers,
-          attention_heads=heads_at(h.shape[1], self.base_channels * mult),
+          attention_heads=heads_at(num_levels - 1 - i, h.shape[1], self.base_channels * mult),
           add_upsample=i < num_levels - 1,
           name=f'up_blocks_{i}',
           **common,
