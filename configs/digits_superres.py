@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.cond_drop_prob = 0.0  # No guidance: every step sees the condition.
   config.diffusion.conditioning.update(name='concat')
   config.diffusion.conditioning.concat.update(factor=4)  # 32x32 -> 8x8.
-  config.diffusion.num_train_steps = 1_500
+  config.diffusion.num_train_steps = 1_000
   # Deterministic DDIM: the sample closest to the posterior mean scores best in PSNR.
   config.sample.update(method='ddim', num_steps=50, eta=0.0, guidance_scale=1.0)
   return config

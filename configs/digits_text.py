@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       attention_resolutions=(4,),  # Cross-attention at the 4x4 level and in the middle.
       transformer_depth=1,
   )
-  config.diffusion.num_train_steps = 1_500
+  config.diffusion.num_train_steps = 1_000
   config.diffusion.conditioning.update(name='text')
   config.diffusion.conditioning.text.update(
       caption_key='caption', vocab_size=64, max_length=8, num_layers=2, num_heads=4)

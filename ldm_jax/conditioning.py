@@ -254,5 +254,16 @@ def sample_conditions(config: ml_collections.ConfigDict, vocabulary: text.Vocabu
     num_classes = input_pipeline.dataset_info(config.data).num_classes
     per_class = -(-num_samples // num_classes)
     return {'label': (np.arange(num_samples) // per_class).astype(np.int32)}, per_class
+  return eval_conditions(config, vocabulary, num_samples)[0], None
+
+
+def eval_conditions(config: ml_collections.ConfigDict, vocabulary: text.Vocabulary | None,
+                    num_samples: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The conditions of the first `num_samples` eval-split examples, and their labels.
+
+  The labels say what a sample should show when the condition names it (a
+  caption's digit), for measuring agreement with a classifier.
+  """
   examples = eval_examples(config, vocabulary, num_samples)
-  return {k: examples[k] for k in BATCH_KEYS[name]}, None
+  keys = BATCH_KEYS[config.diffusion.conditioning.name]
+  return {k: examples[k] for k in keys}, examples['label']

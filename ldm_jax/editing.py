@@ -506,6 +506,10 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
   """
   validate_config(config)
   validate_edit_config(config)
+  if config.diffusion.conditioning.name:
+    raise UserError(f'--mode=edit conditions on class labels only, not on '
+                    f'config.diffusion.conditioning.name={config.diffusion.conditioning.name!r}; '
+                    f"accepted: conditioning.name=''")
   edit = config.edit
   image_size = config.data.image_size
   image = load_image(edit.input, image_size, config.data.num_channels)  # [H, W, C]

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import coco_text2img, digits_superres, digits_text, imagenet_sr4x
-from ldm_jax import builders, conditioning, generate, optim, sampling, text, train
+from ldm_jax import builders, conditioning, editing, generate, optim, sampling, text, train
 from ldm_jax.datasets import digits_captions
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
@@ -367,3 +367,11 @@ def test_bad_conditioning_is_one_line(override, message):
     c.concat.factor = override['factor']
   with pytest.raises(UserError, match=message):
     validate_config(config)
+
+
+def test_edit_mode_refuses_a_conditioner(tmp_path):
+  config = digits_superres.get_config()
+  config.edit.update(task='img2img', input=str(tmp_path / 'image.png'))
+  with pytest.raises(UserError, match="--mode=edit conditions on class labels only, not on "
+                                      "config.diffusion.conditioning.name='concat'"):
+    editing.edit_mode(config, str(tmp_path))

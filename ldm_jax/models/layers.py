@@ -237,8 +237,12 @@ class TimestepEmbedding(nn.Module):
 
 def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None,
             context_mask: jax.Array | None) -> jax.Array:
-  """`block`'s attention layer `name`: self-attention, or with `transformer_depth` > 0
-  the spatial transformer over `context` (LDM cross-attention)."""
+  """Applies `block`'s attention layer `name` to x [B, H, W, C].
+
+  Self-attention, or with `block.transformer_depth` > 0 a spatial transformer that
+  also cross-attends to `context` [B, S, D] (LDM); padded positions of
+  `context_mask` [B, S] get no weight.
+  """
   if block.transformer_depth:
     if context is None:
       raise ValueError(f'{name}: a spatial transformer needs a context [B, S, D]')
