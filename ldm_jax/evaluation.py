@@ -291,6 +291,8 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- classifier --
 
+REAL_CLASSIFIER_FEATURES = 'real_classifier_features.npz'
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainedClassifier:
@@ -401,6 +403,9 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   for _, local in zip(range(steps), ds.as_numpy_iterator()):
     state, loss = step_fn(state, sharding.global_batch(
         {'image': local['image'], 'label': local['label']}, mesh))
+    # One step in flight: with several CPU devices, queued steps' all-reduces were seen
+    # to deadlock XLA's rendezvous; the step is tiny, so waiting costs little.
+    loss.block_until_ready()
   seconds = time.perf_counter() - start
   classify = _classify_fn(model, state.params, mesh)
   test = map_split(lambda x: {'logits': classify(x)['logits']}, config,
@@ -409,6 +414,9 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   checkpointing.save(manager, state)
   manager.wait_until_finished()
   if jax.process_index() == 0:
+    stale = os.path.join(directory, REAL_CLASSIFIER_FEATURES)
+    if os.path.exists(stale):  # Features of an earlier classifier.
+      os.remove(stale)
     _write_json(info_path, {'test_accuracy': accuracy, 'num_train_steps': steps,
                             'final_loss': float(loss), 'train_seconds': seconds,
                             'num_test_examples': len(test['label'])})
@@ -522,6 +530,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
   labelled = input_pipeline.dataset_info(config.data).num_classes > 0
   cache_dir = classifier_directory(config, workdir)
 
+  if config.eval.inception_weights:  # A bad file stops here, before minutes of sampling.
+    network, inception_params = inception.load_inception(config.eval.inception_weights)
+  else:
+    _say('fid/kid: skipped, no Inception weights (set config.eval.inception_weights to '
+         f'{inception.WEIGHTS_FILE}; see README, Evaluation)')
+
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
   pixels, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
                                     num_samples=config.eval.num_samples)
@@ -533,7 +547,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
     metrics['classifier_test_accuracy'] = classifier.test_accuracy
     classify = _classify_fn(classifier.model, classifier.params, mesh)
     real_classifier = _real_features(
-        config, mesh, os.path.join(cache_dir, 'real_classifier_features.npz'), classify)
+        config, mesh, os.path.join(cache_dir, REAL_CLASSIFIER_FEATURES), classify)
     fake = map_images(classify, samples, mesh, batch_size)
     _feature_metrics(metrics, 'classifier', fake['features'], real_classifier['test_features'],
                      real_classifier['train_features'], config, kid=False)
@@ -544,20 +558,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
     _say(f'classifier metrics: skipped, dataset {config.data.name!r} has no class labels')
 
   if config.eval.inception_weights:
-    network, params = inception.load_inception(config.eval.inception_weights)
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     pool3 = jax.jit(lambda p, x: {'features': network.apply({'params': p}, x)},
                     in_shardings=(replicated, data), out_shardings=data)
-    pool3 = functools.partial(pool3, jax.device_put(params, replicated))
+    pool3 = functools.partial(pool3, jax.device_put(inception_params, replicated))
     digest = inception.file_sha256(config.eval.inception_weights)[:12]
     real = _real_features(config, mesh, os.path.join(cache_dir, f'real_inception_{digest}.npz'),
                           pool3)
     fake = map_images(pool3, samples, mesh, batch_size)['features']
     _feature_metrics(metrics, 'inception', fake, real['test_features'], real['train_features'],
                      config, kid=True)
-  else:
-    _say('fid/kid: skipped, no Inception weights (set config.eval.inception_weights to '
-         'pt_inception-2015-12-05-6726825d.pth)')
 
   recon = map_split(_reconstruction_fn(autoencoder, ae_params, classifier, mesh), config,
                     config.data.eval_split, mesh)
@@ -567,3 +577,63 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
     _with_real(metrics, 'ae_fd_classifier', frechet_distance_of, recon['features'],
                real_classifier['test_features'], real_classifier['train_features'])
   return metrics
+
+
+# ------------------------------------------------------------- reporting --
+
+# Metrics printed first, in this order; any others follow alphabetically.
+_REPORT_ORDER = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid',
+                 'kid_std', 'ae_psnr', 'ae_ssim', 'ae_fd_classifier')
+
+
+def format_metrics(metrics: dict[str, float]) -> list[str]:
+  """One line per metric, its real-vs-real value beside it when there is one."""
+  names = [n for n in metrics if not n.endswith('_real') and n != 'classifier_test_accuracy']
+  names.sort(key=lambda n: (_REPORT_ORDER.index(n) if n in _REPORT_ORDER else len(_REPORT_ORDER),
+                            n))
+  width = max(map(len, names), default=0)
+  lines = []
+  for name in names:
+    line = f'{name:<{width}}  {metrics[name]:.4f}'
+    if f'{name}_real' in metrics:
+      line += f'  (real vs real: {metrics[f"{name}_real"]:.4f})'
+    lines.append(line)
+  return lines
+
+
+def metrics_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, 'eval', f'metrics_{step}.json')
+
+
+def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Module,
+                   state, autoencoder: nn.Module, ae_params, writer=None) -> dict:
+  """`evaluate`, then print the metrics and write `WORKDIR/eval/metrics_<step>.json`.
+
+  Every process computes; process 0 prints and writes, and adds `eval/<name>`
+  scalars to `writer` (a TensorBoard writer) when given.
+
+  Returns:
+    The record written: the metrics plus `step`, `num_samples` and the sampler settings.
+  """
+  step = int(jax.device_get(state.step))
+  start = time.perf_counter()
+  metrics = evaluate(config, workdir, mesh, unet, state, autoencoder, ae_params)
+  record = {**metrics, 'step': step, 'num_samples': config.eval.num_samples,
+            'eval_seconds': time.perf_counter() - start,
+            **{f'sample_{k}': v for k, v in config.sample.to_dict().items()
+               if k in ('method', 'num_steps', 'eta', 'guidance_scale', 'timestep_spacing',
+                        'ddpm_variance', 'seed')}}
+  if jax.process_index() == 0:
+    path = metrics_path(workdir, step)
+    _write_json(path, record)
+    print(f'eval at step {step} ({config.eval.num_samples} samples vs the '
+          f'{config.data.train_split} split; real vs real: {config.data.eval_split} vs '
+          f'{config.data.train_split}):')
+    for line in format_metrics(metrics):
+      print(f'  {line}')
+    print(f'eval: metrics in {path}', flush=True)
+    if writer is not None:
+      for name, value in metrics.items():
+        writer.scalar(f'eval/{name}', value, step)
+      writer.flush()
+  return record

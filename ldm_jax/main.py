@@ -10,14 +10,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import editing, modes
+from ldm_jax import editing, eval_mode, modes
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit', 'eval'],
                   'train: stage 1, stage 2, then samples. sample: samples from the latest '
-                  'checkpoint. edit: inpainting or img2img of config.edit.input.')
+                  'checkpoint. edit: inpainting or img2img of config.edit.input. '
+                  'eval: sample and reconstruction metrics of the latest checkpoint.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -27,6 +28,7 @@ MODES = {
     'train': modes.train_mode,
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
     'edit': editing.edit_mode,
+    'eval': eval_mode.eval_mode,
 }
 
 

@@ -145,3 +145,105 @@ def test_psnr_and_ssim_match_scikit_image(channels):
     np.testing.assert_allclose(ssim[i], expected, atol=1e-5)
   assert 0.1 < ssim[1] < ssim[0] < 0.99
   np.testing.assert_allclose(evaluation.ssim(x, x, data_range=2.0), 1.0, atol=1e-6)
+
+
+# ------------------------------------------------------------ --mode=eval
+
+
+@pytest.fixture(scope='module')
+def evaluated_run(digits_data_dir, tmp_path_factory):
+  """A tiny run trained with eval_every=2, then `--mode=eval` on it (twice)."""
+  import contextlib
+  import io
+
+  from configs import tiny
+  from ldm_jax import eval_mode, modes
+
+  config = tiny.get_config()
+  config.data.data_dir = digits_data_dir
+  config.autoencoder.num_train_steps = 2
+  config.train.eval_every = 2
+  workdir = str(tmp_path_factory.mktemp('eval_run'))
+  outputs = []
+  for run in (lambda: modes.train_mode(config, workdir), lambda: eval_mode.eval_mode(config, workdir)):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+      record = run()
+    outputs.append(stdout.getvalue())
+  return config, workdir, outputs, record
+
+
+SAMPLE_METRICS = ('fd_classifier', 'precision', 'recall', 'class_accuracy')
+AE_METRICS = ('ae_psnr', 'ae_ssim', 'ae_fd_classifier')
+
+
+def test_training_evaluates_every_eval_every_steps(evaluated_run):
+  import json
+  import os
+
+  _, workdir, (train_output, _), _ = evaluated_run
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == [
+      'classifier', 'metrics_2.json', 'metrics_4.json']
+  with open(os.path.join(workdir, 'eval', 'metrics_2.json')) as f:
+    assert json.load(f)['step'] == 2
+  # The classifier is trained by the first evaluation and reused by the second.
+  assert train_output.count('classifier: trained') == 1
+  assert train_output.count('classifier: loaded from') == 1
+
+
+def test_eval_mode_writes_all_metrics_and_reuses_the_classifier(evaluated_run):
+  import json
+  import os
+
+  config, workdir, (_, eval_output), record = evaluated_run
+  with open(os.path.join(workdir, 'eval', 'metrics_4.json')) as f:
+    written = json.load(f)
+  assert written == record
+  expected = {*SAMPLE_METRICS, *AE_METRICS, 'classifier_test_accuracy', 'step', 'num_samples'}
+  expected |= {f'{name}_real' for name in (*SAMPLE_METRICS, 'ae_fd_classifier')}
+  assert expected <= set(written), expected - set(written)
+  assert written['step'] == 4 and written['num_samples'] == config.eval.num_samples
+  assert written['sample_method'] == config.sample.method
+  for name in expected - {'step', 'num_samples'}:
+    assert np.isfinite(written[name]), name
+  assert written['classifier_test_accuracy'] >= 0.9
+  assert written['class_accuracy_real'] == written['classifier_test_accuracy']
+  # Real test digits are much closer to the train split than 4-step samples are.
+  assert written['fd_classifier_real'] < written['fd_classifier']
+  assert 0 <= written['precision'] <= 1 and 0.5 < written['recall_real'] <= 1
+  assert 'classifier: loaded from' in eval_output and 'classifier: trained' not in eval_output
+  assert 'fd_classifier_real' not in eval_output  # Printed beside fd_classifier instead:
+  assert f'(real vs real: {written["fd_classifier_real"]:.4f})' in eval_output
+
+
+def test_eval_without_inception_weights_says_so_and_has_no_fid(evaluated_run):
+  _, _, (_, eval_output), record = evaluated_run
+  assert 'fid/kid: skipped, no Inception weights' in eval_output
+  assert not {'fid', 'kid', 'fid_real', 'kid_real'} & set(record)
+
+
+def test_eval_scalars_reach_tensorboard(evaluated_run):
+  import glob
+  import os
+
+  import tensorflow as tf
+
+  _, workdir, _, record = evaluated_run
+  tags = {}
+  for path in glob.glob(os.path.join(workdir, 'diffusion', 'tensorboard', 'events*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, set()).add(event.step)
+  assert tags['eval/fd_classifier'] == {2, 4}
+  assert tags['eval/ae_psnr'] == {2, 4}
+
+
+def test_bad_inception_weights_stop_before_sampling(evaluated_run, tmp_path):
+  from ldm_jax import eval_mode
+  from ldm_jax.errors import UserError
+
+  config, workdir, _, _ = evaluated_run
+  config = config.copy_and_resolve_references()
+  config.eval.inception_weights = str(tmp_path / 'missing.pth')
+  with pytest.raises(UserError, match='no such file'):
+    eval_mode.eval_mode(config, workdir)
