@@ -187,9 +187,6 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           (train_config.image_every and step % train_config.image_every == 0) or final):
         on_images(state)
       if on_eval and train_config.eval_every and step % train_config.eval_every == 0:
-        # A checkpoint still being written in the background runs device programs of its
-        # own; interleaved with the evaluation's collectives they can deadlock.
-        manager.wait_until_finished()
         on_eval(state)
   manager.wait_until_finished()
   return state
