@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,  # Also saved at the end of each stage.
       keep_checkpoints=2,
       image_every=0,           # Reconstruction / sample images to TensorBoard; 0 = at the end.
+      eval_every=0,            # Stage 2 runs the --mode=eval metrics every N steps; 0 = never.
   )
 
   config.sample = dict(
@@ -130,6 +131,29 @@ def get_config() -> ml_collections.ConfigDict:
       num_samples=100,
       batch_size=100,          # Samples per jitted call (rounded to the device count).
       seed=0,
+  )
+
+  # --mode=eval (and train.eval_every): sample metrics against the train split.
+  config.eval = dict(
+      num_samples=1_000,       # Samples generated (with config.sample's sampler) per evaluation.
+      batch_size=100,          # Images per feature-extraction call (rounded to the device count).
+      # FID/KID: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or the same tensors
+      # as .npz / .safetensors); '' = FID and KID are skipped.
+      inception_weights='',
+      kid_subsets=100,
+      kid_subset_size=1_000,   # Clipped to the smaller set.
+      pr_k=3,                  # Precision/recall: k-th neighbour radius.
+      # Digits classifier (features for FD and precision/recall; class accuracy).
+      classifier_dir='',       # '' = WORKDIR/eval/classifier; set one path to share it between runs.
+      classifier_seed=0,       # Its own seed: runs of any config.seed share the feature space.
+      classifier_steps=600,
+      classifier_batch_size=64,
+      classifier_channels=(16, 32, 64),
+      classifier_features=128,
+      classifier_optim=dict(
+          learning_rate=2e-3, warmup_steps=50, lr_schedule='cosine', end_lr_factor=0.05,
+          b1=0.9, b2=0.999, weight_decay=1e-4, grad_clip_norm=1.0,
+      ),
   )
 
   # --mode=edit: inpainting (RePaint) or img2img (SDEdit) of one image.

@@ -23,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.num_train_steps = 1_000
   # Deterministic DDIM: the sample closest to the posterior mean scores best in PSNR.
   config.sample.update(method='ddim', num_steps=50, eta=0.0, guidance_scale=1.0)
+  config.eval.num_samples = 300  # --mode=eval: about one sample per test image.
   return config

@@ -29,4 +29,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.conditioning.text.update(
       caption_key='caption', vocab_size=64, max_length=8, num_layers=2, num_heads=4)
   config.sample.update(num_steps=100, guidance_scale=3.0)
+  config.eval.num_samples = 300  # --mode=eval: about one sample per test image.
   return config

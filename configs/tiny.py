@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.num_train_steps = 4
   config.train.update(log_every=2, checkpoint_every=2, keep_checkpoints=2)
   config.sample.update(num_steps=4, num_samples=8, batch_size=8)
+  config.eval.update(num_samples=40, batch_size=200, kid_subset_size=40, classifier_steps=300)
   return config

@@ -10,15 +10,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import editing, modes
+from ldm_jax import editing, eval_mode, modes
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'train_autoencoder', 'sample', 'edit', 'merge_lora'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'merge_lora'],
                   'train: stage 1, stage 2, then samples. train_autoencoder: stage 1 only. '
-                  'sample: samples from the latest checkpoint. edit: inpainting or img2img '
-                  'of config.edit.input. merge_lora: LoRA adapters merged into their base, '
+                  'sample: samples from the latest checkpoint. eval: sample and reconstruction '
+                  'metrics of the latest checkpoint. edit: inpainting or img2img of '
+                  'config.edit.input. merge_lora: LoRA adapters merged into their base, '
                   'as WORKDIR/merged_unet.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
@@ -33,6 +35,7 @@ MODES = {
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples,
                                                         FLAGS.prompt),
     'edit': editing.edit_mode,
+    'eval': eval_mode.eval_mode,
     'merge_lora': modes.merge_lora_mode,
 }
 

@@ -22,8 +22,8 @@ from flax import linen as nn
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, generate
-from ldm_jax import input_pipeline, losses, models, optim, pretrained, sharding
+from ldm_jax import builders, checkpointing, conditioning, diffusion, evaluation, finetune
+from ldm_jax import generate, input_pipeline, losses, models, optim, pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -160,8 +160,9 @@ def _check_finite(stage: str, step: int, metrics: dict[str, float],
 
 def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterator[Batch],
                *, num_train_steps: int, manager, writer, config: ml_collections.ConfigDict,
-               on_images: Callable[[TrainState], None] | None = None) -> TrainState:
-  """Steps `state` to `num_train_steps` with logging, checkpoints and image summaries."""
+               on_images: Callable[[TrainState], None] | None = None,
+               on_eval: Callable[[TrainState], None] | None = None) -> TrainState:
+  """Steps `state` to `num_train_steps` with logging, checkpoints, images and evaluations."""
   train_config = config.train
   start = int(jax.device_get(state.step))
   is_main = jax.process_index() == 0
@@ -195,6 +196,8 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
       if on_images and (
           (train_config.image_every and step % train_config.image_every == 0) or final):
         on_images(state)
+      if on_eval and train_config.eval_every and step % train_config.eval_every == 0:
+        on_eval(state)
   manager.wait_until_finished()
   return state
 
@@ -407,12 +410,18 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
       writer.image('diffusion/samples', sampler.grid(images), int(state.step))
       writer.flush()
 
+  def on_eval(state):
+    evaluation.run_evaluation(config, workdir, mesh, unet,
+                              finetune.with_full_params(config, state, base),
+                              autoencoder, ae_params, writer)
+
   if batches is None:
     batches = _train_batches(config, mesh, int(state.step), features)
   state = _run_stage('diffusion', state,
                      lambda s, b: step_fn(s, b, ae_params, schedule, base), batches,
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
-                     on_images=on_images if config.train.image_every else None)
+                     on_images=on_images if config.train.image_every else None,
+                     on_eval=on_eval)
   return unet, finetune.with_full_params(config, state, base)
 
 

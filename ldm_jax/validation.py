@@ -71,6 +71,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for path in ('train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints'):
     _check(config, path, positive, 'a positive integer')
   _check(config, 'train.image_every', non_negative, 'an integer >= 0 (0 = at the end)')
+  _check(config, 'train.eval_every', non_negative, 'an integer >= 0 (0 = never)')
+  for path in ('eval.num_samples', 'eval.batch_size', 'eval.kid_subsets', 'eval.kid_subset_size',
+               'eval.pr_k', 'eval.classifier_steps', 'eval.classifier_batch_size',
+               'eval.classifier_features'):
+    _check(config, path, positive, 'a positive integer')
+  _check(config, 'eval.num_samples', lambda v: v > max(config.eval.pr_k, 1),
+         f'more samples than eval.pr_k={config.eval.pr_k}')
+  _check(config, 'eval.classifier_channels',
+         lambda v: len(v) > 0 and all(isinstance(c, int) and c > 0 for c in v),
+         'a non-empty tuple of positive integers')
+  _one_of(config, 'eval.classifier_optim.lr_schedule', optim.LR_SCHEDULES)
   _one_of(config, 'sample.method', sampling.SAMPLERS)
   _one_of(config, 'sample.timestep_spacing', sampling.TIMESTEP_SPACINGS)
   _check(config, 'sample.num_steps',

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.classifier import Classifier
 from ldm_jax.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -66,4 +67,5 @@ def count_params(params: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ['MODELS', 'AutoencoderKL', 'UNet', 'count_params', 'get_model', 'model_fields']
+__all__ = ['MODELS', 'AutoencoderKL', 'Classifier', 'UNet', 'count_params', 'get_model',
+           'model_fields']
