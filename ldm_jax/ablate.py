@@ -11,6 +11,9 @@ A sweep file defines `get_sweep()` returning a dict:
     share_autoencoder: True trains stage 1 once (WORKDIR/autoencoder) and points every
                run's `autoencoder.workdir` at it, so variants differ only in stage 2.
 
+Every run's metrics use one evaluation classifier, WORKDIR/eval_classifier (unless the
+sweep sets `eval.classifier_dir`), so all runs are measured in the same feature space.
+
 Each variant × seed is two ordinary commands (`--mode=train`, then `--mode=eval`) in its
 own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one line each, ready
 for a cluster queue. A run whose metrics exist is skipped, an interrupted one resumes
@@ -156,6 +159,8 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
       overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
       if sweep['share_autoencoder']:
         overrides['autoencoder.workdir'] = os.path.join(root, 'autoencoder')
+      # Every run is measured by one evaluation classifier, trained once.
+      overrides.setdefault('eval.classifier_dir', os.path.join(root, 'eval_classifier'))
       workdir = os.path.join(root, variant['name'], f'seed_{seed}')
       config = _config_with(sweep['config'], overrides)
       commands = tuple(_command(sweep['config'], workdir, overrides, mode)
