@@ -17,7 +17,8 @@ def write_sweep(path: pathlib.Path, data_dir: str) -> str:
 def get_sweep():
   return dict(
       config={str(ROOT / 'configs' / 'tiny.py')!r},
-      overrides={{'data.data_dir': {data_dir!r}, 'eval.num_samples': 16}},
+      overrides={{'data.data_dir': {data_dir!r}, 'eval.num_samples': 16,
+                 'eval.classifier_steps': 30}},
       variants=[dict(name='linear', overrides={{'diffusion.schedule': 'linear'}}),
                 dict(name='cosine-v', overrides={{'diffusion.schedule': 'cosine',
                                                   'diffusion.prediction_type': 'v'}})],
