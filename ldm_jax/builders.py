@@ -3,24 +3,29 @@
 Models never read the config; these functions pick the fields they need and pass
 them as keyword arguments (plus values derived from data, like channel counts).
 """
+import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
 from ldm_jax import diffusion, input_pipeline, models
 from ldm_jax.errors import UserError
 
+# Activation / matmul dtypes a stage may compute in; parameters stay float32.
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
 
 def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
   """The stage-1 model named by `config.autoencoder.model`."""
   return _build('autoencoder', config.autoencoder.model,
-                out_channels=config.data.num_channels)
+                out_channels=config.data.num_channels,
+                dtype=jnp.dtype(config.autoencoder.compute_dtype))
 
 
 def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """The stage-2 model; `num_classes` > 0 adds a label embedding."""
   return _build('diffusion', config.diffusion.model,
                 out_channels=config.autoencoder.model.latent_channels,
-                num_classes=num_classes)
+                num_classes=num_classes, dtype=jnp.dtype(config.diffusion.compute_dtype))
 
 
 def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn.Module:

@@ -15,9 +15,10 @@ from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit'],
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit', 'encode'],
                   'train: stage 1, stage 2, then samples. sample: samples from the latest '
-                  'checkpoint. edit: inpainting or img2img of config.edit.input.')
+                  'checkpoint. edit: inpainting or img2img of config.edit.input. encode: '
+                  'cache the train split\'s latents in WORKDIR/latents.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -27,6 +28,7 @@ MODES = {
     'train': modes.train_mode,
     'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples),
     'edit': editing.edit_mode,
+    'encode': modes.encode_mode,
 }
 
 

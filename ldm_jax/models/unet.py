@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import (
+    Dtype,
     DownBlock,
     MidBlock,
     TimestepEmbedding,
@@ -42,6 +43,12 @@ class UNet(nn.Module):
     norm_eps: GroupNorm epsilon.
     time_embed_dim: width of the time embedding; None means `4 * base_channels`.
     mid_attention: self-attention in the middle block.
+    remat: rematerialisation of each ResnetBlock / AttentionBlock in the backward
+      pass, a key of `layers.REMAT_POLICIES`: '' (none), 'full', 'dots_saveable'.
+      Trades compute for activation memory; the result is unchanged.
+    dtype: compute dtype (float32 or bfloat16). Parameters stay float32, GroupNorm
+      statistics and the attention softmax are float32, and the prediction is
+      returned as float32 so that losses and samplers run in float32.
   """
 
   out_channels: int
@@ -57,6 +64,8 @@ class UNet(nn.Module):
   norm_eps: float = 1e-5
   time_embed_dim: int | None = None
   mid_attention: bool = True
+  remat: str = ''
+  dtype: Dtype = jnp.float32
 
   @property
   def null_class(self) -> int:
@@ -77,7 +86,7 @@ class UNet(nn.Module):
       train: enables dropout (needs the 'dropout' rng collection).
 
     Returns:
-      [B, H, W, out_channels]; exactly zero at initialisation.
+      [B, H, W, out_channels] float32; exactly zero at initialisation.
     """
     if not self.channel_mult:
       raise ValueError('channel_mult must name at least one level')
@@ -94,11 +103,12 @@ class UNet(nn.Module):
 
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
     temb = timestep_embedding(t, self.base_channels)  # [B, base]
-    temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
-    if self.num_classes > 0:
+    temb = TimestepEmbedding(time_embed_dim, dtype=self.dtype, name='time_embedding')(temb)
+    if self.num_classes > 0:  # temb: [B, D]
       if y is None:
         y = jnp.full((batch,), self.null_class, jnp.int32)
-      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, name='class_embedding')(y)
+      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, dtype=self.dtype,
+                             name='class_embedding')(y)
 
     def heads(channels: int) -> int:
       if self.head_dim <= 0:
@@ -111,11 +121,13 @@ class UNet(nn.Module):
       return heads(channels) if resolution in self.attention_resolutions else None
 
     common = dict(
-        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout
+        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
+        dtype=self.dtype, remat=self.remat,
     )
     num_levels = len(self.channel_mult)
 
-    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, name='conv_in')(x)
+    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, dtype=self.dtype,
+                name='conv_in')(x)
     skips = [h]
     for i, mult in enumerate(self.channel_mult):
       h, block_skips = DownBlock(
@@ -145,7 +157,7 @@ class UNet(nn.Module):
       )(h, block_skips, temb, train=train)
     assert not skips, 'every skip feature is consumed by the up path'
 
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
     # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
     # keeps the first steps stable (Dhariwal & Nichol 2021).
@@ -155,5 +167,6 @@ class UNet(nn.Module):
         padding=1,
         kernel_init=nn.initializers.zeros_init(),
         bias_init=nn.initializers.zeros_init(),
+        dtype=self.dtype,
         name='conv_out',
-    )(h)
+    )(h).astype(jnp.float32)
