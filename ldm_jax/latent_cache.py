@@ -160,6 +160,10 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
   num_done = 0
   while os.path.exists(os.path.join(directory, _shard_name(process, num_done))):
     num_done += 1
+  if jax.process_count() > 1:
+    # The encoders are collective over all processes: every process restarts from the
+    # shard the slowest one reached (rewriting identical shards), so all run in lockstep.
+    num_done = int(np.min(multihost_utils.process_allgather(np.array(num_done))))
   if num_done:
     logging.info('latents: keeping %d finished shard(s) of process %d', num_done, process)
 

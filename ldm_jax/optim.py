@@ -16,6 +16,8 @@ def make_lr_schedule(optim_config: ml_collections.ConfigDict,
         decay_steps=max(num_train_steps, warmup + 1),
         end_value=lr * optim_config.end_lr_factor)
   if optim_config.lr_schedule == 'constant':
+    if not warmup:
+      return optax.constant_schedule(lr)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   raise ValueError(f'unknown lr_schedule {optim_config.lr_schedule!r}; '
