@@ -150,6 +150,17 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   Returns:
     The RESULT fields and the other printed numbers.
   """
+  matmul = matmul_gflops(matmul_size, repeats)
+  print(f'matmul {matmul_size}x{matmul_size} float32: {matmul:.1f} GFLOP/s', flush=True)
+
+  def report(name, what, compile_s, seconds, images, flops_per_image):
+    gflops = flops_per_image * images / seconds / 1e9
+    mfu = f', MFU {gflops / (peak_tflops * 1e3):.1%}' if peak_tflops > 0 else ''
+    print(f'{name:>6s} ({what}): compile {compile_s:.1f} s, {seconds:.3f} s/call, '
+          f'{images / seconds:.2f} images/s, {flops_per_image / 1e9:.2f} GFLOP/image, '
+          f'{gflops:.1f} GFLOP/s = {gflops / matmul:.0%} of matmul{mfu}', flush=True)
+    return gflops
+
   mesh = sharding.make_mesh()
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   num_classes = num_classes if config.diffusion.class_conditional else 0
@@ -178,6 +189,9 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
     state, metrics = step(state, batch, schedule)
     return metrics
   train_s = _seconds_per_call(train_call, repeats)
+  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}')
+  train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
+                        train_flops)
 
   params = state.params
   labels = jax.device_put(jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
@@ -193,22 +207,10 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   sample_fn, sample_compile_s = _compile(sample_fn, params, labels, rng_sample)
   sample_s = _seconds_per_call(lambda: sample_fn(params, labels, rng_sample), repeats)
   sample_flops = forward_flops * ddim_steps / sample_batch_size
+  sample_gflops = report('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}',
+                         sample_compile_s, sample_s, sample_batch_size, sample_flops)
 
-  matmul = matmul_gflops(matmul_size, repeats)
   memory_mib, memory_kind = peak_memory()
-  train_gflops = train_flops * batch_size / train_s / 1e9
-  sample_gflops = sample_flops * sample_batch_size / sample_s / 1e9
-  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}')
-  rows = [('train', f'batch {batch_size}', train_compile_s, train_s, batch_size, train_flops,
-           train_gflops),
-          ('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}', sample_compile_s,
-           sample_s, sample_batch_size, sample_flops, sample_gflops)]
-  for name, what, compile_s, seconds, images, flops, gflops in rows:
-    mfu = f', MFU {gflops / (peak_tflops * 1e3):.1%}' if peak_tflops > 0 else ''
-    print(f'{name:>6s} ({what}): compile {compile_s:.1f} s, {seconds:.3f} s/call, '
-          f'{images / seconds:.2f} images/s, {flops / 1e9:.2f} GFLOP/image, '
-          f'{gflops:.1f} GFLOP/s = {gflops / matmul:.0%} of matmul{mfu}')
-  print(f'matmul {matmul_size}x{matmul_size} float32: {matmul:.1f} GFLOP/s')
   print(f'peak memory: {memory_mib:,.0f} MiB ({memory_kind})')
   result = dict(train_img_per_s=batch_size / train_s,
                 sample_s_per_img=sample_s / sample_batch_size, params=num_params,
