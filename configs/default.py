@@ -44,11 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
       ),
       kl_weight=1e-6,         # LDM's KL-reg weight: latents stay close to identity-scaled.
       reconstruction_loss='l1',
+      compute_dtype='float32',  # float32 | bfloat16 activations; params stay float32.
       num_train_steps=350,
       ema_decay=0.0,          # 0 = use the raw parameters.
       optim=dict(
           learning_rate=2e-3, warmup_steps=100, lr_schedule='cosine', end_lr_factor=0.05,
-          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
+          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,  # 0 = no clipping.
       ),
   )
 
@@ -64,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
           head_dim=0,                   # > 0: heads of this width instead of num_heads.
           dropout=0.0,
           norm_num_groups=16,
+          remat='',                     # '' | full | dots_saveable: recompute activations
+                                        # of each block in the backward pass (less memory).
       ),
       # A diffusers UNet2DModel folder that stage 2 starts from; the U-Net is built from
       # its config.json (`model` above is then unused).
@@ -84,7 +87,14 @@ def get_config() -> ml_collections.ConfigDict:
       min_snr_gamma=5.0,
       p2_gamma=1.0,
       p2_k=1.0,
-      scale_factor=0.0,        # 0 = 1/std of the first batch of latents (SD uses 0.18215).
+      scale_factor=0.0,        # 0 = from data: 1/std of the encoder posterior over the
+                               # first batch, or over the whole cache with cache_latents.
+      compute_dtype='float32',  # float32 | bfloat16 activations; params, optimizer state,
+                                # GroupNorm statistics, softmax and loss stay float32.
+      grad_accum_steps=1,      # Microbatches per update; the update equals one big batch.
+      cache_latents=False,     # Encode the train split once into WORKDIR/latents and train
+                               # from the cached posteriors (--mode=encode builds it alone).
+      cache_shard_size=10_000,  # Examples per cache file (rounded to whole batches).
       num_train_steps=2_200,
       ema_decay=0.999,        # Warmed up: min(ema_decay, (1 + step) / (10 + step)).
       optim=dict(

@@ -16,11 +16,13 @@ from ldm_jax.errors import UserError
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'merge_lora'],
+                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'encode',
+                   'merge_lora'],
                   'train: stage 1, stage 2, then samples. train_autoencoder: stage 1 only. '
                   'sample: samples from the latest checkpoint. eval: sample and reconstruction '
                   'metrics of the latest checkpoint. edit: inpainting or img2img of '
-                  'config.edit.input. merge_lora: LoRA adapters merged into their base, '
+                  'config.edit.input. encode: cache the train split\'s latents in '
+                  'WORKDIR/latents. merge_lora: LoRA adapters merged into their base, '
                   'as WORKDIR/merged_unet.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
@@ -34,6 +36,7 @@ MODES = {
     'edit': editing.edit_mode,
     'eval': eval_mode.eval_mode,
     'merge_lora': modes.merge_lora_mode,
+    'encode': modes.encode_mode,
 }
 
 

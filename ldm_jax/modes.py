@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import generate, input_pipeline, pretrained, sharding, train
+from ldm_jax import generate, input_pipeline, latent_cache, pretrained, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -69,6 +69,18 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
                  config.sample.num_samples, writer)
+
+
+def encode_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Encodes the train split with the trained autoencoder into WORKDIR/latents."""
+  validate_config(config)
+  input_pipeline.dataset_info(config.data)
+  _prepare_workdir(workdir)
+  mesh = sharding.make_mesh()
+  autoencoder, ae_params = train.restore_autoencoder(config, workdir, mesh)
+  directory = latent_cache.build(config, workdir, mesh, autoencoder, ae_params)
+  if jax.process_index() == 0:
+    print(f'latents: {directory}')
 
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str,

@@ -23,7 +23,8 @@ from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, diffusion, evaluation, finetune, generate
-from ldm_jax import input_pipeline, losses, models, optim, pretrained, sharding
+from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, pretrained
+from ldm_jax import sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -81,11 +82,11 @@ def autoencoder_train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
 
 
-def encode_latents(ae_params, images: jax.Array, rng: jax.Array, *,
-                   autoencoder: nn.Module) -> jax.Array:
-  """A draw from the frozen encoder's posterior N(mean, exp(logvar)), unscaled."""
-  mean, logvar = autoencoder.apply({'params': ae_params}, images, method=autoencoder.encode)
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+def encode_batch(ae_params, batch: Batch, *, autoencoder: nn.Module) -> Batch:
+  """An image batch -> the frozen encoder's posterior: the input of `diffusion_train_step`."""
+  mean, logvar = latent_cache.encode_posterior(ae_params, batch['image'],
+                                               autoencoder=autoencoder)
+  return {'latent_mean': mean, 'latent_logvar': logvar, 'label': batch['label']}
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
@@ -94,15 +95,33 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int)
   return jnp.where(drop, null_class, labels)
 
 
-def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
-                         schedule: diffusion.Schedule, *, autoencoder: nn.Module,
-                         unet: nn.Module, config: ml_collections.ConfigDict,
+def diffusion_train_step(state: DiffusionTrainState, batch: Batch,
+                         schedule: diffusion.Schedule, *, unet: nn.Module,
+                         config: ml_collections.ConfigDict,
                          lr_schedule: optax.Schedule) -> tuple[DiffusionTrainState, Metrics]:
-  """One step of the latent diffusion loss. `config` is `config.diffusion`."""
+  """One update of the latent diffusion loss. `config` is `config.diffusion`.
+
+  Args:
+    state: the stage-2 state.
+    batch: the unscaled encoder posterior of a batch, `latent_mean` and
+      `latent_logvar` [B, h, w, c], and `label` [B]; from the latent cache or from
+      `encode_batch`. A fresh latent mean + std * noise is drawn every step.
+    schedule: the noise schedule.
+    unet: the denoiser.
+    config: `config.diffusion`; `grad_accum_steps` splits the batch into that many
+      microbatches, giving the same update as the whole batch at once.
+    lr_schedule: for the logged learning rate.
+
+  Returns:
+    (new state, metrics).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_z, rng_t, rng_noise, rng_dropout, rng_drop = jax.random.split(rng, 5)
-  latents = encode_latents(ae_params, batch['image'], rng_z, autoencoder=autoencoder)
-  z0 = jax.lax.stop_gradient(latents * state.scale_factor)  # [B, h, w, c]
+  # Every per-example draw is made for the whole batch before it is split into
+  # microbatches, so the update does not depend on grad_accum_steps.
+  mean, logvar = batch['latent_mean'], batch['latent_logvar']  # [B, h, w, c]
+  latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng_z, mean.shape)
+  z0 = jax.lax.stop_gradient(latents * state.scale_factor)
   t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(rng_noise, z0.shape)
   x_t = diffusion.q_sample(schedule, z0, t, noise)
@@ -115,13 +134,15 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
   if config.class_conditional:
     labels = drop_labels(rng_drop, batch['label'], config.cond_drop_prob, unet.num_classes)
 
-  def loss_fn(params):
-    output = unet.apply({'params': params}, x_t, t.astype(jnp.float32), labels, train=True,
-                        rngs={'dropout': rng_dropout})
-    loss, _ = losses.diffusion_loss(output, target, weights)
+  def loss_fn(params, inputs, rng):
+    x_t, t, target, weights, labels = inputs
+    output = unet.apply({'params': params}, x_t, t, labels, train=True, rngs={'dropout': rng})
+    loss, _ = losses.diffusion_loss(output, target, weights)  # float32 whatever the dtype.
     return loss
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  inputs = (x_t, t.astype(jnp.float32), target, weights, labels)
+  loss, grads = grad_accum.mean_value_and_grad(loss_fn, state.params, inputs, rng_dropout,
+                                               config.grad_accum_steps)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
              'lr': lr_schedule(state.step)}
   return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
@@ -335,17 +356,58 @@ def diffusion_setup(config: ml_collections.ConfigDict, mesh):
   return unet, tx, lr_schedule, abstract, num_classes
 
 
-def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Module, ae_params,
-                         batch: Batch) -> float:
-  """`config.diffusion.scale_factor`, or 1/std of the latents of one training batch."""
+class EncodedLatents:
+  """Stage-2 batches encoded from image batches on the fly (no latent cache)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, autoencoder: nn.Module,
+               ae_params):
+    self._config, self._mesh, self._ae_params = config, mesh, ae_params
+    self._encode = jax.jit(functools.partial(encode_batch, autoencoder=autoencoder),
+                           in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+                           out_shardings=sharding.data_sharding(mesh))
+
+  def scale_factor(self) -> float:
+    """1/std of posterior draws over the first training batch (exact moments)."""
+    first = next(self.batches(0))
+    moments = latent_cache.posterior_moments(
+        *(multihost_utils.process_allgather(first[k], tiled=True)
+          for k in ('latent_mean', 'latent_logvar')))
+    return latent_cache.scale_factor_from_moments(moments)
+
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    for batch in _train_batches(self._config, self._mesh, start_step):
+      yield self._encode(self._ae_params, batch)
+
+
+class CachedLatents:
+  """Stage-2 batches from `WORKDIR/latents`, built (or rebuilt) first if needed."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
+               autoencoder: nn.Module, ae_params):
+    self._config, self._mesh = config, mesh
+    self._arrays = latent_cache.load(
+        latent_cache.build(config, workdir, mesh, autoencoder, ae_params))
+
+  def scale_factor(self) -> float:
+    """1/std of posterior draws over the whole cache."""
+    return latent_cache.cached_scale_factor(self._arrays)
+
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    config = self._config
+    local = latent_cache.batches(self._arrays, config.data.batch_size // jax.process_count(),
+                                 seed=config.seed, start_step=start_step,
+                                 random_flip=config.data.random_flip)
+    for batch in local:
+      yield sharding.global_batch(batch, self._mesh)
+
+
+def initial_scale_factor(config: ml_collections.ConfigDict, latents) -> float:
+  """`diffusion.scale_factor`, a pretrained VAE's `scaling_factor`, or 1/std of `latents`."""
   if config.diffusion.scale_factor > 0:
     return float(config.diffusion.scale_factor)
   if config.autoencoder.pretrained:
     return pretrained.scaling_factor(config.autoencoder.pretrained)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  latents = jax.jit(functools.partial(encode_latents, autoencoder=autoencoder))(
-      ae_params, batch['image'], rng)
-  return float(1.0 / jnp.std(latents))
+  return latents.scale_factor()
 
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
@@ -359,14 +421,16 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   sharding.check_batch_size(config.data.batch_size, mesh)
-  batches = None
+  sharding.check_batch_size(config.data.batch_size // config.diffusion.grad_accum_steps, mesh,
+                            'data.batch_size / diffusion.grad_accum_steps')
+  # Built on first use: a finished stage needs neither the cache nor the encoder.
+  latents = functools.cache(
+      lambda: CachedLatents(config, workdir, mesh, autoencoder, ae_params)
+      if config.diffusion.cache_latents else EncodedLatents(config, mesh, autoencoder, ae_params))
   base = finetune.base_params(config, ckpt_dir, mesh, create=True)  # None without LoRA.
 
   def init():
-    nonlocal batches
-    batches = _train_batches(config, mesh, 0)
-    first = next(batches)
-    scale = compute_scale_factor(config, autoencoder, ae_params, first)
+    scale = initial_scale_factor(config, latents())
     logging.info('diffusion: scale_factor %.5f', scale)
     init_fn = functools.partial(init_diffusion_state, config, unet, tx)
     return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(
@@ -380,9 +444,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
       finetune.with_base(config, functools.partial(
-          diffusion_train_step, autoencoder=autoencoder, unet=unet, config=config.diffusion,
-          lr_schedule=lr_schedule), unet),
-      in_shardings=(replicated, data, replicated, replicated, replicated),
+          diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), unet),
+      in_shardings=(replicated, data, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
@@ -401,10 +464,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
                               finetune.with_full_params(config, state, base),
                               autoencoder, ae_params, writer)
 
-  if batches is None:
-    batches = _train_batches(config, mesh, int(state.step))
-  state = _run_stage('diffusion', state,
-                     lambda s, b: step_fn(s, b, ae_params, schedule, base), batches,
+  state = _run_stage('diffusion', state, lambda s, b: step_fn(s, b, schedule, base),
+                     latents().batches(int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
                      on_images=on_images if config.train.image_every else None,
                      on_eval=on_eval)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import (
+    Dtype,
     DownBlock,
     MidBlock,
     TimestepEmbedding,
@@ -47,6 +48,12 @@ class UNet(nn.Module):
     mid_attention: self-attention in the middle block.
     flip_sin_to_cos: sinusoidal time embedding order (see `timestep_embedding`).
     freq_shift: `downscale_freq_shift` of the time embedding.
+    remat: rematerialisation of each ResnetBlock / AttentionBlock in the backward
+      pass, a key of `layers.REMAT_POLICIES`: '' (none), 'full', 'dots_saveable'.
+      Trades compute for activation memory; the result is unchanged.
+    dtype: compute dtype (float32 or bfloat16). Parameters stay float32, GroupNorm
+      statistics and the attention softmax are float32, and the prediction is
+      returned as float32 so that losses and samplers run in float32.
   """
 
   out_channels: int
@@ -65,6 +72,8 @@ class UNet(nn.Module):
   attention_levels: Sequence[int] | None = None
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
+  remat: str = ''
+  dtype: Dtype = jnp.float32
 
   @property
   def null_class(self) -> int:
@@ -85,7 +94,7 @@ class UNet(nn.Module):
       train: enables dropout (needs the 'dropout' rng collection).
 
     Returns:
-      [B, H, W, out_channels]; exactly zero at initialisation.
+      [B, H, W, out_channels] float32; exactly zero at initialisation.
     """
     if not self.channel_mult:
       raise ValueError('channel_mult must name at least one level')
@@ -103,11 +112,12 @@ class UNet(nn.Module):
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
     temb = timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                               downscale_freq_shift=self.freq_shift)  # [B, base]
-    temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
-    if self.num_classes > 0:
+    temb = TimestepEmbedding(time_embed_dim, dtype=self.dtype, name='time_embedding')(temb)
+    if self.num_classes > 0:  # temb: [B, D]
       if y is None:
         y = jnp.full((batch,), self.null_class, jnp.int32)
-      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, name='class_embedding')(y)
+      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, dtype=self.dtype,
+                             name='class_embedding')(y)
 
     def heads(channels: int) -> int:
       if self.head_dim <= 0:
@@ -122,11 +132,13 @@ class UNet(nn.Module):
       return heads(channels) if resolution in self.attention_resolutions else None
 
     common = dict(
-        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout
+        norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
+        dtype=self.dtype, remat=self.remat,
     )
     num_levels = len(self.channel_mult)
 
-    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, name='conv_in')(x)
+    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, dtype=self.dtype,
+                name='conv_in')(x)
     skips = [h]
     for i, mult in enumerate(self.channel_mult):
       h, block_skips = DownBlock(
@@ -156,7 +168,7 @@ class UNet(nn.Module):
       )(h, block_skips, temb, train=train)
     assert not skips, 'every skip feature is consumed by the up path'
 
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
     # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
     # keeps the first steps stable (Dhariwal & Nichol 2021).
@@ -166,5 +178,6 @@ class UNet(nn.Module):
         padding=1,
         kernel_init=nn.initializers.zeros_init(),
         bias_init=nn.initializers.zeros_init(),
+        dtype=self.dtype,
         name='conv_out',
-    )(h)
+    )(h).astype(jnp.float32)
