@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ldm_jax import generate, input_pipeline, sharding, train
+from ldm_jax import generate, input_pipeline, preemption, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -50,11 +50,12 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   _prepare_workdir(workdir)
   _save_config(config, workdir)
-  mesh = sharding.make_mesh()
-  logging.info('devices: %d (%s), processes: %d', jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
-  autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
-  unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
+  mesh = sharding.make_mesh(config.mesh_shape)
+  logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
+  with preemption.handle_sigterm():
+    autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
+    unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
                  config.sample.num_samples, writer)
@@ -64,7 +65,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
                 num_samples: int | None = None) -> None:
   """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
   validate_config(config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh_shape)
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
