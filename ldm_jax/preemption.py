@@ -5,9 +5,8 @@ they kill a job. Training polls `reached()` after every step; when it is True
 the loop saves the state at that step and raises `Preempted`, which `main` turns
 into exit status 0. Rerunning the same command resumes from that checkpoint.
 
-With one process a Python SIGTERM handler sets a flag. With several processes
-JAX's preemption service (started by `jax.distributed.initialize`) receives the
-signal instead and agrees with all processes on one step at which to stop, so
+With one process a Python SIGTERM handler sets a flag. Under `jax.distributed`
+(several processes) JAX's preemption service receives the signal instead and agrees with all processes on one step at which to stop, so
 that every process saves the same step.
 """
 import contextlib
@@ -35,10 +34,10 @@ class Preempted(Exception):
 def handle_sigterm() -> Iterator[None]:
   """While active, SIGTERM asks the train loop to save and stop instead of killing it.
 
-  A no-op with several processes (JAX's preemption service handles the signal)
+  A no-op under `jax.distributed` (JAX's preemption service handles the signal)
   and outside the main thread (where Python cannot install signal handlers).
   """
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+  if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
     yield
     return
   _signalled.clear()
@@ -54,7 +53,7 @@ def reached() -> bool:
   """Whether training should save now and stop. Every process must call it every step."""
   global _num_calls
   _num_calls += 1
-  if jax.process_count() > 1:
+  if jax.distributed.is_initialized():
     # The sync point needs ids that only grow; stage steps restart at each stage.
     return multihost_utils.reached_preemption_sync_point(_num_calls)
   return _signalled.is_set()

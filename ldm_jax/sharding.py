@@ -6,6 +6,7 @@ optimizer state are split along `fsdp` on their largest divisible dimension
 (fully sharded data parallelism) and replicated over `data`. `jax.jit` with these
 shardings compiles the same train step for 1 device, 8 devices or many hosts.
 """
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -182,16 +183,16 @@ def gather(tree: Any, mesh: Mesh) -> Any:
 def detected_cluster() -> str | None:
   """The multi-process environment JAX can configure itself from, if any.
 
-  SLURM (`srun` with several tasks) and TPU pod slices with several hosts are
-  recognized from their environment variables; JAX's own cluster detection then
-  finds the coordinator, the number of processes and this process's id.
+  SLURM (`srun` with several tasks) is recognized from its environment variables,
+  Cloud TPU VMs (GCE or GKE, one host or a pod slice) from the TPU runtime being
+  installed; JAX's own cluster detection then finds the coordinator, the number of
+  processes and this process's id.
   """
   if all(v in os.environ for v in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID',
                                    'SLURM_LOCALID')):
     if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
       return 'slurm'
-  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  if len([h for h in hosts.split(',') if h]) > 1:
+  if importlib.util.find_spec('libtpu') is not None:
     return 'tpu'
   return None
 
@@ -224,7 +225,13 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return True
-  if detected_cluster() is not None:
+  cluster = detected_cluster()
+  if cluster is None:
+    return False
+  try:
     jax.distributed.initialize()
-    return True
-  return False
+  except (ValueError, RuntimeError) as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f'{cluster} detected but jax.distributed could not start ({first_line}); '
+                    f'accepted: --coordinator_address, --num_processes and --process_id') from e
+  return True
