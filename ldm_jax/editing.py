@@ -516,7 +516,7 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
     known_pixels = np.ones((image_size, image_size, 1), np.float32)
   known_latents = latent_known_mask(known_pixels, factor)
 
-  mesh = sharding.make_mesh(config.mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, num_classes, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   if edit.class_label >= 0 and not num_classes:
     raise UserError(f'config.edit.class_label={edit.class_label} but the model is '

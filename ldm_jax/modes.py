@@ -50,7 +50,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   _prepare_workdir(workdir)
   _save_config(config, workdir)
-  mesh = sharding.make_mesh(config.mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
                jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
   with preemption.handle_sigterm():
@@ -65,7 +65,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
                 num_samples: int | None = None) -> None:
   """Loads the latest diffusion checkpoint (EMA params) and writes samples."""
   validate_config(config)
-  mesh = sharding.make_mesh(config.mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,

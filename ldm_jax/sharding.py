@@ -86,14 +86,14 @@ def _show(mesh_shape: Any) -> str:
   return repr(mesh_shape)
 
 
-def make_mesh(mesh_shape: Any = (-1, 1),
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None,
+              mesh_shape: Any = (-1, 1)) -> Mesh:
   """A (`data`, `fsdp`) mesh over `devices` (default: all devices of all processes).
 
   Args:
+    devices: the devices to use, in order; default `jax.devices()`.
     mesh_shape: `config.mesh_shape`, see `mesh_shape_spec`; the default is pure
       data parallelism.
-    devices: the devices to use, in order; default `jax.devices()`.
   """
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))

@@ -320,8 +320,10 @@ def reconstruction_psnr(reconstruct: Callable, params, batches: list[Batch]) -> 
   total, count = 0.0, 0.0
   for batch in batches:
     values = losses.psnr(reconstruct(params, batch['image']), batch['image'])
-    mask = np.asarray(batch['mask'])
-    total += float(np.sum(np.asarray(values) * mask))
+    # Each process holds part of the batch: gather the whole before summing.
+    values, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                    for x in (values, batch['mask']))
+    total += float(np.sum(values * mask))
     count += float(mask.sum())
   return total / count
 
@@ -345,9 +347,10 @@ def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Modu
   if config.diffusion.scale_factor > 0:
     return float(config.diffusion.scale_factor)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  latents = jax.jit(functools.partial(encode_latents, autoencoder=autoencoder))(
-      ae_params, batch['image'], rng)
-  return float(1.0 / jnp.std(latents))
+  latents_std = jax.jit(
+      lambda p, x: jnp.std(encode_latents(p, x, rng, autoencoder=autoencoder)),
+      out_shardings=sharding.replicated(batch['image'].sharding.mesh))  # On every process.
+  return float(1.0 / latents_std(ae_params, batch['image']))
 
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,

@@ -81,7 +81,7 @@ def test_two_processes_match_one_and_their_checkpoints_restore_in_one(
     section, name = key.split('.')
     tiny_config[section][name] = value
   # One process, one device, reading the data as the two processes did.
-  mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.devices()[:1])
   monkeypatch.setattr(train, '_train_batches', _as_two_processes)
   autoencoder, ae_params = train.train_autoencoder(tiny_config, str(tmp_path), mesh)
   train.train_diffusion(tiny_config, str(tmp_path), mesh, autoencoder, ae_params)

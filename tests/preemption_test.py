@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ldm_jax import checkpointing, input_pipeline, preemption, sharding, train
+from ldm_jax import builders, checkpointing, input_pipeline, optim, preemption, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LONG = 100_000  # Steps the interrupted run is configured for; it never gets there.
@@ -54,14 +54,15 @@ def _assert_states_equal(a, b):
 
 
 @pytest.fixture(scope='module')
-def one_device():
-  return sharding.make_mesh((1, 1), jax.devices()[:1])
+def all_devices():
+  # The command below runs on the same eight devices (the environment of conftest.py):
+  # bit-identity needs the very same programs.
+  return sharding.make_mesh()
 
 
-def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path, one_device):
+def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path, all_devices):
   workdir = tmp_path / 'preempted'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   args = [f'--config={ROOT}/configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.data_dir={tiny_config.data.data_dir}']
   args += [f'--config.{k}={v}' for k, v in _overrides(LONG).items()]
@@ -91,22 +92,23 @@ def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path
 
   # Rerunning resumes from the saved step; two more steps there equal one run of k + 2.
   config = _apply(tiny_config, _overrides(stopped_at + 2))
-  assert _final_state(workdir, config, one_device)[0] == [stopped_at]
-  train.train_autoencoder(config, str(workdir), one_device)
-  train.train_autoencoder(config, str(tmp_path / 'uninterrupted'), one_device)
-  steps, resumed = _final_state(workdir, config, one_device)
+  assert _final_state(workdir, config, all_devices)[0] == [stopped_at]
+  train.train_autoencoder(config, str(workdir), all_devices)
+  train.train_autoencoder(config, str(tmp_path / 'uninterrupted'), all_devices)
+  steps, resumed = _final_state(workdir, config, all_devices)
   assert steps == [stopped_at, stopped_at + 2]
-  steps, uninterrupted = _final_state(tmp_path / 'uninterrupted', config, one_device)
+  steps, uninterrupted = _final_state(tmp_path / 'uninterrupted', config, all_devices)
   assert steps == [stopped_at + 2]
   _assert_states_equal(resumed, uninterrupted)
 
 
-def test_diffusion_resume_is_bit_identical(tiny_config, tmp_path, one_device):
+def test_diffusion_resume_is_bit_identical(tiny_config, tmp_path):
   """Stage 2 spends a batch on the scale factor; a resumed run must not shift the data."""
+  one_device = sharding.make_mesh(jax.devices()[:1])
   tiny_config.diffusion.optim.lr_schedule = 'constant'
   tiny_config.diffusion.ema_decay = 0.9
-  autoencoder = train.builders.build_autoencoder(tiny_config)
-  tx, _ = train.optim.make_optimizer(tiny_config.autoencoder.optim, 1)
+  autoencoder = builders.build_autoencoder(tiny_config)
+  tx, _ = optim.make_optimizer(tiny_config.autoencoder.optim, 1)
   ae_params = jax.jit(lambda: train.init_autoencoder_state(
       tiny_config, autoencoder, tx).params)()
   ae_params = sharding.gather(ae_params, one_device)
