@@ -4,6 +4,7 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ldm_jax import generate, input_pipeline, preemption, sharding, train
 from ldm_jax.errors import UserError
@@ -47,7 +48,10 @@ def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
   validate_config(config)
-  input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
+  if jax.process_index() == 0:  # Prepares a dataset once, not in every process at once.
+    input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
+  multihost_utils.sync_global_devices('dataset prepared')
+  input_pipeline.dataset_info(config.data)
   _prepare_workdir(workdir)
   _save_config(config, workdir)
   mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)

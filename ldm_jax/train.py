@@ -166,8 +166,8 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
       final = step == num_train_steps
       save_now = step % train_config.checkpoint_every == 0 or final
       if step % train_config.log_every == 0 or save_now:
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        history = jax.device_get(history)  # Replicated scalars: every process has them.
+        summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         history = []
         _check_finite(stage, step, summary, manager)
         now = time.perf_counter()
