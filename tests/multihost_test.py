@@ -1,6 +1,7 @@
 """Two processes on one machine (jax.distributed over 127.0.0.1) train like one process."""
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -33,8 +34,11 @@ def two_process_run(digits_data_dir, tmp_path_factory):
   """Runs `ldm_jax.main` as two processes of two CPU devices each; returns (workdir, outputs)."""
   workdir = tmp_path_factory.mktemp('two_processes') / 'run'
   address = f'127.0.0.1:{_free_port()}'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  # CPU collectives give up after 30 s by default; on a busy machine one process may
+  # finish compiling a step that much later than the other.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
+                      '--xla_cpu_collective_timeout_seconds=600'}
   args = [f'--config={ROOT}/configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.data_dir={digits_data_dir}', f'--coordinator_address={address}',
           f'--num_processes={NUM_PROCESSES}']
@@ -52,7 +56,10 @@ def two_process_run(digits_data_dir, tmp_path_factory):
       if process.poll() is None:
         process.kill()
   for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-3000:]
+    # A crash ends with a long module list: show the lines that say what happened.
+    errors = [line for line in stderr.splitlines()
+              if re.search(r'Error|Fatal|Check failed|^F\d{4}', line)]
+    assert process.returncode == 0, '\n'.join(errors)[-3000:] or stderr[-3000:]
   return workdir, outputs
 
 
