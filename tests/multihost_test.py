@@ -34,11 +34,8 @@ def two_process_run(digits_data_dir, tmp_path_factory):
   """Runs `ldm_jax.main` as two processes of two CPU devices each; returns (workdir, outputs)."""
   workdir = tmp_path_factory.mktemp('two_processes') / 'run'
   address = f'127.0.0.1:{_free_port()}'
-  # CPU collectives give up after 30 s by default; on a busy machine one process may
-  # finish compiling a step that much later than the other.
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
-                      '--xla_cpu_collective_timeout_seconds=600'}
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   args = [f'--config={ROOT}/configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.data_dir={digits_data_dir}', f'--coordinator_address={address}',
           f'--num_processes={NUM_PROCESSES}']
