@@ -12,6 +12,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, data order, diffusion noise and sampling.
+  # Devices as a (data, fsdp) mesh; -1 = the rest. Parameters and optimizer state
+  # are split over `fsdp` (fsdp=1: replicated, pure data parallelism).
+  config.mesh_shape = dict(data=-1, fsdp=1)
 
   config.data = dict(
       name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...

@@ -51,7 +51,7 @@ class Sampler:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, unet: nn.Module,
                autoencoder: nn.Module):
-    num_devices = mesh.shape[sharding.DATA_AXIS]
+    num_devices = sharding.num_batch_shards(mesh)
     # Round up so every batch splits evenly over the devices.
     self.batch_size = -(-config.sample.batch_size // num_devices) * num_devices
     num_classes = self.num_classes = unet.num_classes  # 0 when unconditional.
@@ -85,6 +85,8 @@ class Sampler:
     labels = self.labels(num_samples)
     padded = np.resize(labels, -(-num_samples // self.batch_size) * self.batch_size)
     base_rng = jax.random.PRNGKey(self.seed)
+    # Sampling runs the U-Net hundreds of times: gather FSDP-sharded weights once.
+    unet_params, ae_params = sharding.gather((unet_params, ae_params), self._mesh)
     outputs = []
     for i in range(0, len(padded), self.batch_size):
       batch_labels = jax.device_put(padded[i:i + self.batch_size],

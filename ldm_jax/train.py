@@ -23,8 +23,8 @@ from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, diffusion, evaluation, finetune, generate
-from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, pretrained
-from ldm_jax import sharding
+from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, preemption
+from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -156,10 +156,10 @@ def _stage_dirs(workdir: str, stage: str) -> tuple[str, str]:
 
 
 def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int) -> Iterator[Batch]:
-  # The seed moves with the start step so a resumed run does not replay the
-  # batches it already trained on.
+  # The data order is a function of (seed, step): a resumed run sees exactly the
+  # batches an uninterrupted one would.
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True,
-                                     seed=config.seed + start_step)
+                                     seed=config.seed, start_step=start_step)
   for batch in ds.as_numpy_iterator():
     yield sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
 
@@ -191,8 +191,8 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
       final = step == num_train_steps
       save_now = step % train_config.checkpoint_every == 0 or final
       if step % train_config.log_every == 0 or save_now:
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        history = jax.device_get(history)  # Replicated scalars: every process has them.
+        summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         history = []
         _check_finite(stage, step, summary, manager)
         now = time.perf_counter()
@@ -203,8 +203,12 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           for name, value in summary.items():
             writer.scalar(f'train/{name}', value, step)
           writer.flush()
-      if save_now:
+      preempted = preemption.reached()
+      if save_now or preempted:
         checkpointing.save(manager, state)
+      if preempted:
+        manager.wait_until_finished()
+        raise preemption.Preempted(stage, step)
       # Every process runs the callback: it computes over the global mesh; only
       # process 0 has a writer.
       if on_images and (
@@ -255,10 +259,19 @@ def autoencoder_setup(config: ml_collections.ConfigDict, mesh):
   model = builders.build_autoencoder(config)
   tx, lr_schedule = optim.make_optimizer(config.autoencoder.optim,
                                          config.autoencoder.num_train_steps)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(functools.partial(init_autoencoder_state, config, model, tx)),
-      sharding.replicated(mesh))
+  abstract = _sharded_abstract_state(
+      functools.partial(init_autoencoder_state, config, model, tx), mesh)
   return model, tx, lr_schedule, abstract
+
+
+def _sharded_abstract_state(init: Callable[[], TrainState], mesh):
+  """Shapes of `init()`'s state with the layout `sharding.state_sharding` gives it."""
+  shapes = jax.eval_shape(init)
+  return checkpointing.abstract_like(shapes, sharding.state_sharding(shapes, mesh))
+
+
+def _shardings(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
@@ -284,8 +297,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
   model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
+  state_sharding = _shardings(abstract)
   init = jax.jit(functools.partial(init_autoencoder_state, config, model, tx),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=state_sharding)
   num_steps = config.autoencoder.num_train_steps
   state, finished = _start_stage('autoencoder', manager, init, abstract, num_steps)
   if finished:
@@ -296,12 +310,12 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   step_fn = jax.jit(
       functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
                         lr_schedule=lr_schedule),
-      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
   writer = summary_writer(log_dir)
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
-                        in_shardings=(replicated, data), out_shardings=data)
+                        in_shardings=(state_sharding.ema_params, data), out_shardings=data)
 
   def on_images(state):
     images = eval_batches[0]['image']
@@ -318,7 +332,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
                      on_images=on_images)
   psnr = reconstruction_psnr(reconstruct, state.ema_params, eval_batches)
   logging.info('autoencoder: %s-split reconstruction PSNR %.2f dB', config.data.eval_split, psnr)
-  print(f'autoencoder: {config.data.eval_split}-split reconstruction PSNR {psnr:.2f} dB')
+  if jax.process_index() == 0:
+    print(f'autoencoder: {config.data.eval_split}-split reconstruction PSNR {psnr:.2f} dB')
   if writer:
     writer.scalar(f'eval/psnr_{config.data.eval_split}', psnr, int(state.step))
     writer.flush()
@@ -336,8 +351,10 @@ def reconstruction_psnr(reconstruct: Callable, params, batches: list[Batch]) -> 
   total, count = 0.0, 0.0
   for batch in batches:
     values = losses.psnr(reconstruct(params, batch['image']), batch['image'])
-    mask = np.asarray(batch['mask'])
-    total += float(np.sum(np.asarray(values) * mask))
+    # Each process holds part of the batch: gather the whole before summing.
+    values, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                    for x in (values, batch['mask']))
+    total += float(np.sum(values * mask))
     count += float(mask.sum())
   return total / count
 
@@ -350,9 +367,8 @@ def diffusion_setup(config: ml_collections.ConfigDict, mesh):
   num_classes = builders.num_classes(config)
   unet = builders.build_unet(config, num_classes)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(functools.partial(init_diffusion_state, config, unet, tx, 1.0)),
-      sharding.replicated(mesh))
+  abstract = _sharded_abstract_state(
+      functools.partial(init_diffusion_state, config, unet, tx, 1.0), mesh)
   return unet, tx, lr_schedule, abstract, num_classes
 
 
@@ -363,7 +379,7 @@ class EncodedLatents:
                ae_params):
     self._config, self._mesh, self._ae_params = config, mesh, ae_params
     self._encode = jax.jit(functools.partial(encode_batch, autoencoder=autoencoder),
-                           in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+                           in_shardings=(_shardings(ae_params), sharding.data_sharding(mesh)),
                            out_shardings=sharding.data_sharding(mesh))
 
   def scale_factor(self) -> float:
@@ -428,12 +444,13 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
       lambda: CachedLatents(config, workdir, mesh, autoencoder, ae_params)
       if config.diffusion.cache_latents else EncodedLatents(config, mesh, autoencoder, ae_params))
   base = finetune.base_params(config, ckpt_dir, mesh, create=True)  # None without LoRA.
+  state_sharding = _shardings(abstract)
 
   def init():
     scale = initial_scale_factor(config, latents())
     logging.info('diffusion: scale_factor %.5f', scale)
     init_fn = functools.partial(init_diffusion_state, config, unet, tx)
-    return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(
+    return jax.jit(init_fn, out_shardings=state_sharding)(
         scale, finetune.start_params(config, base))
 
   num_steps = config.diffusion.num_train_steps
@@ -445,8 +462,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   step_fn = jax.jit(
       finetune.with_base(config, functools.partial(
           diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), unet),
-      in_shardings=(replicated, data, replicated, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      in_shardings=(state_sharding, data, replicated, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
   sampler = generate.Sampler(config, mesh, unet, autoencoder)

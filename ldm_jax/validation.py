@@ -5,7 +5,7 @@ only compares the config against them, so a new schedule needs no change here.
 """
 import ml_collections
 
-from ldm_jax import builders, diffusion, lora, losses, models, optim, sampling
+from ldm_jax import builders, diffusion, lora, losses, models, optim, sampling, sharding
 from ldm_jax.models import layers
 from ldm_jax.errors import UserError
 
@@ -36,6 +36,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive = lambda v: isinstance(v, int) and v > 0
   non_negative = lambda v: isinstance(v, int) and v >= 0
   _check(config, 'data.name', lambda v: isinstance(v, str) and v, 'a TFDS dataset name')
+  sharding.mesh_shape_spec(config.mesh_shape)  # The device count is checked with the mesh.
   _one_of(config, 'data.num_channels', (1, 3))
   for path in ('data.batch_size', 'data.image_size', 'data.shuffle_buffer'):
     _check(config, path, positive, 'a positive integer')
