@@ -12,6 +12,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameters, data order, diffusion noise and sampling.
+  # Devices as a (data, fsdp) mesh; -1 = the rest. Parameters and optimizer state
+  # are split over `fsdp` (fsdp=1: replicated, pure data parallelism).
+  config.mesh_shape = dict(data=-1, fsdp=1)
 
   config.data = dict(
       name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...
@@ -44,11 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
       ),
       kl_weight=1e-6,         # LDM's KL-reg weight: latents stay close to identity-scaled.
       reconstruction_loss='l1',
+      compute_dtype='float32',  # float32 | bfloat16 activations; params stay float32.
       num_train_steps=350,
       ema_decay=0.0,          # 0 = use the raw parameters.
       optim=dict(
           learning_rate=2e-3, warmup_steps=100, lr_schedule='cosine', end_lr_factor=0.05,
-          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,
+          b1=0.9, b2=0.99, weight_decay=0.0, grad_clip_norm=1.0,  # 0 = no clipping.
       ),
   )
 
@@ -67,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
           context_dim=0,                # > 0: spatial transformers cross-attend to a context this wide.
           transformer_depth=1,          # Transformer blocks per spatial transformer.
           use_linear_projection=False,  # Spatial transformer proj_in/out: Dense (SD 2), not 1x1 conv.
+          remat='',                     # '' | full | dots_saveable: recompute activations
+                                        # of each block in the backward pass (less memory).
       ),
       # A diffusers UNet2DModel folder that stage 2 starts from; the U-Net is built from
       # its config.json (`model` above is then unused).
@@ -101,7 +107,14 @@ def get_config() -> ml_collections.ConfigDict:
       min_snr_gamma=5.0,
       p2_gamma=1.0,
       p2_k=1.0,
-      scale_factor=0.0,        # 0 = 1/std of the first batch of latents (SD uses 0.18215).
+      scale_factor=0.0,        # 0 = from data: 1/std of the encoder posterior over the
+                               # first batch, or over the whole cache with cache_latents.
+      compute_dtype='float32',  # float32 | bfloat16 activations; params, optimizer state,
+                                # GroupNorm statistics, softmax and loss stay float32.
+      grad_accum_steps=1,      # Microbatches per update; the update equals one big batch.
+      cache_latents=False,     # Encode the train split once into WORKDIR/latents and train
+                               # from the cached posteriors (--mode=encode builds it alone).
+      cache_shard_size=10_000,  # Examples per cache file (rounded to whole batches).
       num_train_steps=2_200,
       ema_decay=0.999,        # Warmed up: min(ema_decay, (1 + step) / (10 + step)).
       optim=dict(

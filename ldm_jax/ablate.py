@@ -11,6 +11,9 @@ A sweep file defines `get_sweep()` returning a dict:
     share_autoencoder: True trains stage 1 once (WORKDIR/autoencoder) and points every
                run's `autoencoder.workdir` at it, so variants differ only in stage 2.
 
+Every run's metrics use one evaluation classifier, WORKDIR/eval_classifier (unless the
+sweep sets `eval.classifier_dir`), so all runs are measured in the same feature space.
+
 Each variant × seed is two ordinary commands (`--mode=train`, then `--mode=eval`) in its
 own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one line each, ready
 for a cluster queue. A run whose metrics exist is skipped, an interrupted one resumes
@@ -156,6 +159,8 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
       overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
       if sweep['share_autoencoder']:
         overrides['autoencoder.workdir'] = os.path.join(root, 'autoencoder')
+      # Every run is measured by one evaluation classifier, trained once.
+      overrides.setdefault('eval.classifier_dir', os.path.join(root, 'eval_classifier'))
       workdir = os.path.join(root, variant['name'], f'seed_{seed}')
       config = _config_with(sweep['config'], overrides)
       commands = tuple(_command(sweep['config'], workdir, overrides, mode)
@@ -247,12 +252,24 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
   return rows
 
 
-def _metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-  skip = {'variant', 'seed', 'step', 'num_samples'}
-  columns = []
+# Shown in the table but never ranked: costs, and losses that are not comparable
+# across parameterizations (an eps loss and a v loss measure different targets).
+INFO_COLUMNS = ('final_loss', 'train_seconds', 'eval_seconds', 'classifier_test_accuracy')
+# Sample-quality metrics first, then the autoencoder's, then everything else.
+_FIRST = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid', 'kid_std',
+          'ae_psnr', 'ae_ssim', 'ae_fd_classifier')
+
+
+def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> list[str]:
+  """Result columns: metrics in a fixed order, then (with `info`) the info columns."""
+  seen = []
   for row in rows:
-    columns += [k for k in row if k not in skip and not k.endswith('_real') and k not in columns]
-  return columns
+    seen += [k for k in row if k not in seen]
+  metrics = [k for k in seen if k not in ('variant', 'seed', 'step', 'num_samples')
+             and not k.startswith('sample_') and not k.endswith('_real')
+             and k not in INFO_COLUMNS]
+  metrics.sort(key=lambda k: _FIRST.index(k) if k in _FIRST else len(_FIRST))
+  return metrics + ([k for k in INFO_COLUMNS if k in seen] if info else [])
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -290,15 +307,16 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, title: str) -> Non
   summary = summarize(rows)
   columns = _metric_columns(rows)
   best = {}
-  for column in columns:
+  for column in _metric_columns(rows, info=False):
     means = {v: s[column][0] for v, s in summary.items() if column in s}
-    if means and column != 'train_seconds':
+    if len(set(means.values())) > 1:  # A column where every variant ties has no best.
       pick = min if lower_is_better(column) else max
       best[column] = pick(means, key=means.get)
   seeds = sorted({r['seed'] for r in rows})
   lines = [f'# {title}', '',
            f'Mean ± std over seeds {seeds} ({len(rows)} runs); best mean in bold '
-           f'(lower is better for FD/FID/KID/loss/time, higher for the rest).', '',
+           f'(lower is better for FD/FID/KID, higher for the rest; '
+           f'{", ".join(INFO_COLUMNS)} are not ranked).', '',
            '| variant | ' + ' | '.join(columns) + ' |',
            '| --- |' + ' --- |' * len(columns)]
   for variant, stats in summary.items():
@@ -345,7 +363,7 @@ def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: 
   plt.close(fig)
 
   summary = summarize(rows)
-  columns = [c for c in _metric_columns(rows) if c != 'train_seconds']
+  columns = _metric_columns(rows, info=False)
   ncols = min(4, max(1, len(columns)))
   nrows = -(-len(columns) // ncols) or 1
   fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)

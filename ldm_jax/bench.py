@@ -1,7 +1,16 @@
 """Benchmarks that print numbers.
 
+    python -m ldm_jax.bench --config=configs/bench_unet32.py       # = the `train` benchmark
     python -m ldm_jax.bench sample --config=configs/default.py
     python -m ldm_jax.bench sample --config=configs/default.py --methods=ddim,heun --steps=10,50
+
+`train` (the default) times, after compilation, the project's jitted diffusion train
+step on random latents and DDIM sampling (`sampling.sample`) of the U-Net alone,
+against a large float32 matmul timed in the same run, and ends with one line
+`RESULT train_img_per_s=... sample_s_per_img=... params=... train_gflops=...
+matmul_gflops=...`. Model FLOPs come from XLA's cost analysis of the compiled step
+(train: per image of the batch) and of one U-Net forward pass (sampling: times the
+number of DDIM steps, one model evaluation each).
 
 `sample` times the whole jitted sample-and-decode function of `--mode=sample` for
 each method and step count: compile seconds, then images/s over `--repeats` calls.
@@ -9,6 +18,7 @@ Throughput does not depend on the parameter values, so freshly initialized model
 are used and no checkpoint is needed.
 """
 import functools
+import resource
 import time
 
 import jax
@@ -16,7 +26,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, generate, sampling, sharding
+from ldm_jax import builders, generate, models, optim, sampling, sharding, train
+from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -25,6 +36,11 @@ flags.DEFINE_list('steps', ['10', '25', '50'], 'Step counts to time.')
 flags.DEFINE_integer('batch_size', None, 'Images per call (default: config.sample.batch_size).')
 flags.DEFINE_integer('repeats', 3, 'Timed calls after compilation.')
 flags.DEFINE_integer('num_classes', 10, 'Label count when the config is class-conditional.')
+flags.DEFINE_integer('sample_batch_size', 16, 'train benchmark: images per DDIM call.')
+flags.DEFINE_integer('ddim_steps', 50, 'train benchmark: DDIM steps timed.')
+flags.DEFINE_integer('matmul_size', 2048, 'train benchmark: side of the float32 matmul.')
+flags.DEFINE_float('peak_tflops', 0.0, 'train benchmark: the device\'s peak TFLOP/s; > 0 '
+                   'also prints the model FLOPs utilization (MFU).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -77,20 +93,154 @@ def bench_sample(config, methods: list[str], steps: list[int], batch_size: int,
   return rows
 
 
-BENCHMARKS = {'sample': lambda config: bench_sample(
-    config, FLAGS.methods, [int(s) for s in FLAGS.steps],
-    FLAGS.batch_size or config.sample.batch_size, FLAGS.repeats, FLAGS.num_classes)}
+def _compile(fn, *args) -> tuple[jax.stages.Compiled, float]:
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs of one call from XLA's cost analysis (0 when the backend gives none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', 0.0))
+
+
+def _seconds_per_call(call, repeats: int) -> float:
+  """Mean wall seconds of `call()` over `repeats` calls after one untimed warm-up call."""
+  jax.block_until_ready(call())
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = call()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def matmul_gflops(size: int, repeats: int) -> float:
+  """Achieved GFLOP/s of a [size, size] float32 matmul: the machine's practical ceiling."""
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32) for i in (0, 1))
+  matmul = jax.jit(jnp.matmul)
+  return 2 * size**3 / _seconds_per_call(lambda: matmul(a, b), max(repeats, 10)) / 1e9
+
+
+def peak_memory() -> tuple[float, str]:
+  """Peak memory in MiB and what was measured: device allocator, else process max RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**20, 'device peak_bytes_in_use'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process max RSS'
+
+
+def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
+                ddim_steps: int = 50, repeats: int = 3, matmul_size: int = 2048,
+                peak_tflops: float = 0.0) -> dict:
+  """Times the diffusion train step and DDIM sampling; prints a report and a RESULT line.
+
+  Args:
+    config: an experiment config; its U-Net, latent shape, schedule, optimizer,
+      `data.batch_size` and `diffusion.compute_dtype` are what is timed.
+    num_classes: label count when the config is class-conditional.
+    sample_batch_size: images per sampling call.
+    ddim_steps: DDIM steps per sampling call.
+    repeats: timed calls after compilation and one warm-up call.
+    matmul_size: side of the reference float32 matmul.
+    peak_tflops: > 0 adds the model FLOPs utilization against this peak.
+
+  Returns:
+    The RESULT fields and the other printed numbers.
+  """
+  matmul = matmul_gflops(matmul_size, repeats)
+  print(f'matmul {matmul_size}x{matmul_size} float32: {matmul:.1f} GFLOP/s', flush=True)
+
+  def report(name, what, compile_s, seconds, images, flops_per_image):
+    gflops = flops_per_image * images / seconds / 1e9
+    mfu = f', MFU {gflops / (peak_tflops * 1e3):.1%}' if peak_tflops > 0 else ''
+    print(f'{name:>6s} ({what}): compile {compile_s:.1f} s, {seconds:.3f} s/call, '
+          f'{images / seconds:.2f} images/s, {flops_per_image / 1e9:.2f} GFLOP/image, '
+          f'{gflops:.1f} GFLOP/s = {gflops / matmul:.0%} of matmul{mfu}', flush=True)
+    return gflops
+
+  mesh = sharding.make_mesh()
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  num_classes = num_classes if config.diffusion.class_conditional else 0
+  unet = builders.build_unet(config, num_classes)
+  schedule = builders.make_schedule(config)
+  latent_shape = builders.latent_shape(config)
+  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  state = jax.jit(functools.partial(train.init_diffusion_state, config, unet, tx),
+                  out_shardings=replicated)(1.0)
+  num_params = models.count_params(state.params)
+  batch_size = config.data.batch_size
+  rng_mean, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
+  mean = jax.random.normal(rng_mean, (batch_size, *latent_shape))
+  batch = jax.device_put({'latent_mean': mean, 'latent_logvar': jnp.full_like(mean, LOGVAR_MIN),
+                          'label': jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1)},
+                         data)
+  step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet, config=config.diffusion,
+                                   lr_schedule=lr_schedule),
+                 in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+  step, train_compile_s = _compile(step, state, batch, schedule)
+  train_flops = _flops(step) / batch_size
+
+  def train_call():
+    nonlocal state
+    state, metrics = step(state, batch, schedule)
+    return metrics
+  train_s = _seconds_per_call(train_call, repeats)
+  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}')
+  train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
+                        train_flops)
+
+  params = state.params
+  labels = jax.device_put(jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
+                          data)
+  forward = jax.jit(lambda p, x, t, y: unet.apply({'params': p}, x, t, y))
+  sample_shape = (sample_batch_size, *latent_shape)
+  forward_flops = _flops(forward.lower(params, jnp.zeros(sample_shape), jnp.zeros(
+      (sample_batch_size,)), labels).compile())
+  sample_fn = jax.jit(lambda p, y, rng: sampling.sample(
+      lambda x, t, y: unet.apply({'params': p}, x, t, y), schedule, sample_shape, rng,
+      method='ddim', num_steps=ddim_steps, eta=0.0,
+      prediction_type=config.diffusion.prediction_type, cond=y))
+  sample_fn, sample_compile_s = _compile(sample_fn, params, labels, rng_sample)
+  sample_s = _seconds_per_call(lambda: sample_fn(params, labels, rng_sample), repeats)
+  sample_flops = forward_flops * ddim_steps / sample_batch_size
+  sample_gflops = report('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}',
+                         sample_compile_s, sample_s, sample_batch_size, sample_flops)
+
+  memory_mib, memory_kind = peak_memory()
+  print(f'peak memory: {memory_mib:,.0f} MiB ({memory_kind})')
+  result = dict(train_img_per_s=batch_size / train_s,
+                sample_s_per_img=sample_s / sample_batch_size, params=num_params,
+                train_gflops=train_gflops, matmul_gflops=matmul)
+  print('RESULT ' + ' '.join(f'{k}={v}' if isinstance(v, int) else f'{k}={v:.4f}'
+                             for k, v in result.items()), flush=True)
+  return {**result, 'sample_gflops': sample_gflops, 'train_flops_per_image': train_flops,
+          'sample_flops_per_image': sample_flops, 'peak_memory_mib': memory_mib}
+
+
+BENCHMARKS = {
+    'train': lambda config: bench_train(
+        config, num_classes=FLAGS.num_classes, sample_batch_size=FLAGS.sample_batch_size,
+        ddim_steps=FLAGS.ddim_steps, repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size,
+        peak_tflops=FLAGS.peak_tflops),
+    'sample': lambda config: bench_sample(
+        config, FLAGS.methods, [int(s) for s in FLAGS.steps],
+        FLAGS.batch_size or config.sample.batch_size, FLAGS.repeats, FLAGS.num_classes),
+}
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] not in BENCHMARKS:
-    raise app.UsageError(f'usage: python -m ldm_jax.bench {{{",".join(BENCHMARKS)}}} '
-                         f'--config=FILE')
+  if len(argv) > 2 or (len(argv) == 2 and argv[1] not in BENCHMARKS):
+    raise app.UsageError(f'usage: python -m ldm_jax.bench [{"|".join(BENCHMARKS)}] '
+                         f'--config=FILE (default: train)')
   unknown = sorted(set(FLAGS.methods) - set(sampling.SAMPLERS))
   if unknown:
     raise app.UsageError(f'unknown --methods {unknown}; accepted: {", ".join(sampling.SAMPLERS)}')
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
-  BENCHMARKS[argv[1]](FLAGS.config)
+  BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
 
 
 if __name__ == '__main__':

@@ -3,12 +3,16 @@
 Models never read the config; these functions pick the fields they need and pass
 them as keyword arguments (plus values derived from data, like channel counts).
 """
+import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
 from ldm_jax import diffusion, input_pipeline, models, pretrained
 from ldm_jax.models import conditioners
 from ldm_jax.errors import UserError
+
+# Activation / matmul dtypes a stage may compute in; parameters stay float32.
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
@@ -20,7 +24,8 @@ def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
                       f'autoencoder takes {in_channels}; accepted: {in_channels}')
     return model
   return _build('autoencoder', config.autoencoder.model,
-                out_channels=config.data.num_channels)
+                out_channels=config.data.num_channels,
+                dtype=jnp.dtype(config.autoencoder.compute_dtype))
 
 
 def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -35,7 +40,7 @@ def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
     return _pretrained_unet(config, num_classes)
   unet = _build('diffusion', config.diffusion.model,
                 out_channels=config.autoencoder.model.latent_channels,
-                num_classes=num_classes)
+                num_classes=num_classes, dtype=jnp.dtype(config.diffusion.compute_dtype))
   if not config.diffusion.conditioning.name:
     return unet
   return conditioners.ConditionedUNet(unet, build_conditioner(config))

@@ -22,10 +22,19 @@ def make_manager(directory: str, *, keep: int, read_only: bool = False) -> ocp.C
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Shape/dtype/sharding skeleton of `state` (a pytree of arrays or ShapeDtypeStructs)."""
+def abstract_like(state: Any, sharding: Any) -> Any:
+  """Shape/dtype/sharding skeleton of `state` (a pytree of arrays or ShapeDtypeStructs).
+
+  Args:
+    state: the pytree to describe.
+    sharding: one `jax.sharding.Sharding` for every leaf, or a pytree of them with
+      the structure of `state` (e.g. `sharding.state_sharding`). Restoring into the
+      skeleton lays the arrays out this way, whatever mesh wrote the checkpoint.
+  """
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, state)
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sharding)
 
 
 def save(manager: ocp.CheckpointManager, state: Any) -> None:

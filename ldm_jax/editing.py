@@ -520,7 +520,7 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
     known_pixels = np.ones((image_size, image_size, 1), np.float32)
   known_latents = latent_known_mask(known_pixels, factor)
 
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, num_classes, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   if edit.class_label >= 0 and not num_classes:
     raise UserError(f'config.edit.class_label={edit.class_label} but the model is '
@@ -529,7 +529,7 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
     raise UserError(f'config.edit.class_label={edit.class_label} is not a class of '
                     f'{config.data.name!r}; accepted: -1 or 0..{num_classes - 1}')
 
-  num_devices = mesh.shape[sharding.DATA_AXIS]
+  num_devices = sharding.num_batch_shards(mesh)
   batch_size = -(-edit.num_samples // num_devices) * num_devices
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   edit_fn = jax.jit(
@@ -538,7 +538,8 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str
                         prediction_type=config.diffusion.prediction_type,
                         batch_size=batch_size, batch_sharding=data),
       in_shardings=(replicated,) * 8, out_shardings=data)
-  images = edit_fn(state.ema_params, ae_params, state.scale_factor, image, known_pixels,
+  unet_params, ae_params = sharding.gather((state.ema_params, ae_params), mesh)
+  images = edit_fn(unet_params, ae_params, state.scale_factor, image, known_pixels,
                    known_latents, jax.random.PRNGKey(config.sample.seed),
                    builders.make_schedule(config))
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))

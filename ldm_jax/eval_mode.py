@@ -14,7 +14,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `WORKDIR/diffusion/tensorboard`; returns the record written.
   """
   validate_config(config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
   return evaluation.run_evaluation(config, workdir, mesh, unet, state, autoencoder, ae_params,

@@ -101,16 +101,14 @@ def with_full_params(config: ml_collections.ConfigDict, state, base: Params | No
 
 
 def with_base(config: ml_collections.ConfigDict, step: Callable, unet) -> Callable:
-  """`step(state, batch, ae_params, schedule)` taking the LoRA base as a fifth argument.
+  """`step(state, batch, schedule, *, unet)` as `(state, batch, schedule, base)`.
 
   With a base, the step sees the U-Net through the adapters in `state.params`
-  (gradients flow only to them); with None it is the plain step.
+  (gradients flow only to them); with None it is the plain step on `unet`.
   """
 
-  def step_with_base(state, batch, ae_params, schedule, base):
-    if base is None:
-      return step(state, batch, ae_params, schedule)
-    return step(state, batch, ae_params, schedule,
-                unet=lora.Adapted(unet, base, lora_scale(config)))
+  def step_with_base(state, batch, schedule, base):
+    model = unet if base is None else lora.Adapted(unet, base, lora_scale(config))
+    return step(state, batch, schedule, unet=model)
 
   return step_with_base

@@ -78,7 +78,7 @@ class Sampler:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, unet: nn.Module,
                autoencoder: nn.Module):
-    num_devices = mesh.shape[sharding.DATA_AXIS]
+    num_devices = sharding.num_batch_shards(mesh)
     # Round up so every batch splits evenly over the devices.
     self.batch_size = -(-config.sample.batch_size // num_devices) * num_devices
     num_classes = self.num_classes = unet.num_classes  # 0 when unconditional.
@@ -120,6 +120,8 @@ class Sampler:
     padded = jax.tree.map(lambda a: np.take(a, np.arange(num_padded) % num_samples, axis=0),
                           (labels, conditions))
     base_rng = jax.random.PRNGKey(self.seed)
+    # Sampling runs the U-Net hundreds of times: gather FSDP-sharded weights once.
+    unet_params, ae_params = sharding.gather((unet_params, ae_params), self._mesh)
     outputs = []
     for i in range(0, num_padded, self.batch_size):
       batch_labels, batch_conditions = jax.device_put(

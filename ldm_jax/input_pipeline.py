@@ -182,6 +182,7 @@ def create_dataset(
     *,
     train: bool,
     seed: int,
+    start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
     features: Callable[[Mapping[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]] | None = None,
@@ -191,9 +192,13 @@ def create_dataset(
   Each process reads its own contiguous part of the split, so together the
   processes see every example once per epoch.
 
-  With `train=True` the stream is infinite: files and examples are shuffled
-  (seeded by `seed`, reshuffled every epoch), optionally flipped, and batches are
-  always full. With `train=False` it is one pass in a fixed order; the last batch
+  With `train=True` the stream is infinite and a pure function of `seed`: epoch
+  `e` is the process's part of the split in file order, shuffled through a
+  `shuffle_buffer`-sized buffer seeded by (`seed`, `e`); images are optionally
+  flipped, keyed by (`seed`, position in the stream); batches are always full and
+  may straddle epochs. `start_step=k` starts at the k-th batch of that stream, so a
+  resumed run sees exactly the batches an uninterrupted one would; it reads (but
+  does not decode) at most one epoch to get there. With `train=False` it is one pass in a fixed order; the last batch
   is padded to full size and `mask` marks the real examples. All processes get the
   same number of eval batches, so collective eval steps stay in lockstep.
 
@@ -202,6 +207,7 @@ def create_dataset(
     split: TFDS split, e.g. `data_config.train_split`.
     train: training stream (shuffled, repeated) or eval pass.
     seed: seeds the shuffling and augmentation of the training stream.
+    start_step: number of training batches to pass over (a resumed run's step).
     process_index: this process; defaults to `jax.process_index()`.
     process_count: number of processes; defaults to `jax.process_count()`.
     features: optional (raw example, preprocessed image) -> dict of extra
@@ -227,20 +233,19 @@ def create_dataset(
   process_split = tfds.split_for_jax_process(
       split, process_index=process_index, process_count=process_count
   )
-  if train:
-    read_config = tfds.ReadConfig(shuffle_seed=seed)
-    ds = builder.as_dataset(split=process_split, shuffle_files=True, read_config=read_config)
-    ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-  else:
-    ds = builder.as_dataset(split=process_split, shuffle_files=False)
-
   image_key, label_key = data_config.image_key, data_config.label_key
   image_size, num_channels = data_config.image_size, data_config.num_channels
+  if train:
+    first_example = start_step * local_batch_size
+    ds = _train_examples(builder, process_split, data_config, seed, first_example)
+    decode = builder.info.features[image_key].decode_example
+  else:
+    ds = builder.as_dataset(split=process_split, shuffle_files=False)
+    decode = lambda image: image
 
   def preprocess(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = _preprocess_image(
-        example[image_key],
+        decode(example[image_key]),
         source_channels=source_channels,
         num_channels=num_channels,
         image_size=image_size,
@@ -253,15 +258,16 @@ def create_dataset(
 
   if train:
     if data_config.random_flip:
-      # Stateless flips keyed by a seeded random stream: reproducible for a given
-      # seed, yet different in every epoch because the stream never repeats.
-      flip_seeds = tf.data.Dataset.random(seed=seed).batch(2)
+      # Stateless flips keyed by (seed, position in the stream): reproducible, different
+      # in every epoch, and the same after a resume.
+      positions = tf.data.Dataset.counter(first_example)
 
-      def flip(example: dict[str, tf.Tensor], flip_seed: tf.Tensor) -> dict[str, tf.Tensor]:
+      def flip(example: dict[str, tf.Tensor], position: tf.Tensor) -> dict[str, tf.Tensor]:
+        flip_seed = tf.stack([tf.constant(seed, tf.int64), position])
         image = tf.image.stateless_random_flip_left_right(example['image'], flip_seed)
         return {**example, 'image': image}
 
-      ds = tf.data.Dataset.zip(ds, flip_seeds).map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+      ds = tf.data.Dataset.zip(ds, positions).map(flip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True)
   else:
     ds = ds.map(lambda example: {**example, 'mask': tf.ones([], tf.float32)})
@@ -272,6 +278,32 @@ def create_dataset(
     ds = ds.concatenate(padding).take(num_batches * local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _train_examples(builder: tfds.core.DatasetBuilder, process_split: str, data_config: Any,
+                    seed: int, first_example: int) -> tf.data.Dataset:
+  """The infinite shuffled example stream of one process, from example `first_example`.
+
+  Images stay encoded (decoded later by the caller), so passing over examples to
+  reach `first_example` costs reading, not decoding.
+  """
+  num_examples = builder.info.splits[process_split].num_examples
+  if num_examples == 0:
+    raise UserError(f'split {process_split!r} of dataset {data_config.name!r} has no '
+                    f'examples for this process; accepted: a split with at least one '
+                    f'example per process')
+  examples = builder.as_dataset(split=process_split, shuffle_files=False,
+                                decoders={data_config.image_key: tfds.decode.SkipDecoding()})
+  first_epoch, offset = divmod(first_example, num_examples)
+
+  def epoch(index: tf.Tensor) -> tf.data.Dataset:
+    # TF reduces op seeds modulo 2**31 - 1; a prime multiplier below that keeps the
+    # (seed, epoch) pairs of any realistic run apart.
+    epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + index
+    return examples.shuffle(data_config.shuffle_buffer, seed=epoch_seed,
+                            reshuffle_each_iteration=False)
+
+  return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
 
 
 def _num_eval_batches(

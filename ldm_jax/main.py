@@ -7,25 +7,32 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import editing, eval_mode, modes
+from ldm_jax import editing, eval_mode, modes, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'merge_lora'],
+                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'encode',
+                   'merge_lora'],
                   'train: stage 1, stage 2, then samples. train_autoencoder: stage 1 only. '
                   'sample: samples from the latest checkpoint. eval: sample and reconstruction '
                   'metrics of the latest checkpoint. edit: inpainting or img2img of '
-                  'config.edit.input. merge_lora: LoRA adapters merged into their base, '
+                  'config.edit.input. encode: cache the train split\'s latents in '
+                  'WORKDIR/latents. merge_lora: LoRA adapters merged into their base, '
                   'as WORKDIR/merged_unet.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
                           'text-conditioned config, one grid row each; may be repeated.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 of a multi-process '
+                    'run started by hand (TPU pods and SLURM are detected without flags).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -37,6 +44,7 @@ MODES = {
     'edit': editing.edit_mode,
     'eval': eval_mode.eval_mode,
     'merge_lora': modes.merge_lora_mode,
+    'encode': modes.encode_mode,
 }
 
 
@@ -88,9 +96,18 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
+    # Before any other use of JAX: the device list then spans all processes.
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
     MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except UserError as e:
     sys.exit(f'error: {_one_line(e)}')
+  except preemption.Preempted as e:
+    if jax.process_index() == 0:
+      print(e)
+    sys.exit(0)
 
 
 if __name__ == '__main__':

@@ -4,8 +4,10 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, generate, input_pipeline, pretrained, sharding, train
+from ldm_jax import conditioning, generate, input_pipeline, latent_cache, preemption
+from ldm_jax import pretrained, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -55,28 +57,46 @@ def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
 def _start_training(config: ml_collections.ConfigDict, workdir: str):
   """Checks config, dataset and workdir before any training; returns the mesh."""
   validate_config(config)
-  input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
+  if jax.process_index() == 0:  # Prepares a dataset once, not in every process at once.
+    input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
+  multihost_utils.sync_global_devices('dataset prepared')
+  input_pipeline.dataset_info(config.data)
   _prepare_workdir(workdir)
   _save_config(config, workdir)
-  mesh = sharding.make_mesh()
-  logging.info('devices: %d (%s), processes: %d', jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+  logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
   return mesh
 
 
 def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage 1 only, e.g. one first stage shared by many runs through autoencoder.workdir."""
-  train.train_autoencoder(config, workdir, _start_training(config, workdir))
+  mesh = _start_training(config, workdir)
+  with preemption.handle_sigterm():
+    train.train_autoencoder(config, workdir, mesh)
 
 
 def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
   mesh = _start_training(config, workdir)
-  autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
-  unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
+  with preemption.handle_sigterm():
+    autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
+    unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
   writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
                  config.sample.num_samples, writer)
+
+
+def encode_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Encodes the train split with the trained autoencoder into WORKDIR/latents."""
+  validate_config(config)
+  input_pipeline.dataset_info(config.data)
+  _prepare_workdir(workdir)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+  autoencoder, ae_params = train.restore_autoencoder(config, workdir, mesh)
+  directory = latent_cache.build(config, workdir, mesh, autoencoder, ae_params)
+  if jax.process_index() == 0:
+    print(f'latents: {directory}')
 
 
 def sample_mode(config: ml_collections.ConfigDict, workdir: str,
@@ -89,7 +109,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   num_samples = num_samples or config.sample.num_samples
   # Before restoring: a bad prompt stops at once.
   conditions, ncols = _sample_conditions(config, workdir, num_samples, prompts)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_samples,
@@ -106,7 +126,7 @@ def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not config.diffusion.lora.rank:
     raise UserError('--mode=merge_lora needs the LoRA run\'s config; accepted: '
                     'config.diffusion.lora.rank > 0 with its config.diffusion.init_from')
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   unet, state, _, _, _ = train.restore_trained(config, workdir, mesh)
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'merged_unet')

@@ -16,6 +16,8 @@ def make_lr_schedule(optim_config: ml_collections.ConfigDict,
         decay_steps=max(num_train_steps, warmup + 1),
         end_value=lr * optim_config.end_lr_factor)
   if optim_config.lr_schedule == 'constant':
+    if not warmup:
+      return optax.constant_schedule(lr)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   raise ValueError(f'unknown lr_schedule {optim_config.lr_schedule!r}; '
@@ -29,11 +31,14 @@ def _decay_mask(params):
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
                    num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm gradient clipping; returns (optimizer, lr schedule)."""
+  """AdamW with global-norm gradient clipping (none when `grad_clip_norm` is 0).
+
+  Returns:
+    (optimizer, lr schedule).
+  """
   schedule = make_lr_schedule(optim_config, num_train_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim_config.grad_clip_norm),
-      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                  weight_decay=optim_config.weight_decay, mask=_decay_mask),
-  )
+  tx = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
+                   weight_decay=optim_config.weight_decay, mask=_decay_mask)
+  if optim_config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)
   return tx, schedule

@@ -23,7 +23,9 @@ from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, conditioning, diffusion, evaluation, finetune
-from ldm_jax import generate, input_pipeline, losses, models, optim, pretrained, sharding
+from ldm_jax import generate
+from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, preemption
+from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -84,11 +86,15 @@ def autoencoder_train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
 
 
-def encode_latents(ae_params, images: jax.Array, rng: jax.Array, *,
-                   autoencoder: nn.Module) -> jax.Array:
-  """A draw from the frozen encoder's posterior N(mean, exp(logvar)), unscaled."""
-  mean, logvar = autoencoder.apply({'params': ae_params}, images, method=autoencoder.encode)
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+def encode_batch(ae_params, batch: Batch, *, autoencoder: nn.Module) -> Batch:
+  """An image batch -> the frozen encoder's posterior: the input of `diffusion_train_step`.
+
+  The other features (label, conditioning features) pass through unchanged.
+  """
+  mean, logvar = latent_cache.encode_posterior(ae_params, batch['image'],
+                                               autoencoder=autoencoder)
+  others = {k: v for k, v in batch.items() if k != 'image'}
+  return {'latent_mean': mean, 'latent_logvar': logvar, **others}
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int) -> jax.Array:
@@ -96,15 +102,34 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int)
   return jnp.where(conditioning.drop_mask(rng, labels.shape[0], prob), null_class, labels)
 
 
-def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
-                         schedule: diffusion.Schedule, *, autoencoder: nn.Module,
-                         unet: nn.Module, config: ml_collections.ConfigDict,
+def diffusion_train_step(state: DiffusionTrainState, batch: Batch,
+                         schedule: diffusion.Schedule, *, unet: nn.Module,
+                         config: ml_collections.ConfigDict,
                          lr_schedule: optax.Schedule) -> tuple[DiffusionTrainState, Metrics]:
-  """One step of the latent diffusion loss. `config` is `config.diffusion`."""
+  """One update of the latent diffusion loss. `config` is `config.diffusion`.
+
+  Args:
+    state: the stage-2 state.
+    batch: the unscaled encoder posterior of a batch, `latent_mean` and
+      `latent_logvar` [B, h, w, c], and `label` [B]; from the latent cache or from
+      `encode_batch`. A fresh latent mean + std * noise is drawn every step. With a
+      conditioner, also its features (`conditioning.BATCH_KEYS`).
+    schedule: the noise schedule.
+    unet: the denoiser.
+    config: `config.diffusion`; `grad_accum_steps` splits the batch into that many
+      microbatches, giving the same update as the whole batch at once.
+    lr_schedule: for the logged learning rate.
+
+  Returns:
+    (new state, metrics).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_z, rng_t, rng_noise, rng_dropout, rng_drop = jax.random.split(rng, 5)
-  latents = encode_latents(ae_params, batch['image'], rng_z, autoencoder=autoencoder)
-  z0 = jax.lax.stop_gradient(latents * state.scale_factor)  # [B, h, w, c]
+  # Every per-example draw is made for the whole batch before it is split into
+  # microbatches, so the update does not depend on grad_accum_steps.
+  mean, logvar = batch['latent_mean'], batch['latent_logvar']  # [B, h, w, c]
+  latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng_z, mean.shape)
+  z0 = jax.lax.stop_gradient(latents * state.scale_factor)
   t = jax.random.randint(rng_t, (z0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(rng_noise, z0.shape)
   x_t = diffusion.q_sample(schedule, z0, t, noise)
@@ -121,13 +146,16 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch, ae_params,
     cond = dict(cond={k: batch[k] for k in conditioning.BATCH_KEYS[config.conditioning.name]},
                 drop=drop)
 
-  def loss_fn(params):
-    output = unet.apply({'params': params}, x_t, t.astype(jnp.float32), labels, train=True,
-                        rngs={'dropout': rng_dropout}, **cond)
-    loss, _ = losses.diffusion_loss(output, target, weights)
+  def loss_fn(params, inputs, rng):
+    x_t, t, target, weights, labels, cond = inputs
+    output = unet.apply({'params': params}, x_t, t, labels, train=True, rngs={'dropout': rng},
+                        **cond)
+    loss, _ = losses.diffusion_loss(output, target, weights)  # float32 whatever the dtype.
     return loss
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  inputs = (x_t, t.astype(jnp.float32), target, weights, labels, cond)
+  loss, grads = grad_accum.mean_value_and_grad(loss_fn, state.params, inputs, rng_dropout,
+                                               config.grad_accum_steps)
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
              'lr': lr_schedule(state.step)}
   return state.apply_gradients(grads, ema_decay=config.ema_decay), metrics
@@ -142,12 +170,12 @@ def _stage_dirs(workdir: str, stage: str) -> tuple[str, str]:
 
 def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
                    features: conditioning.Features | None = None) -> Iterator[Batch]:
-  # The seed moves with the start step so a resumed run does not replay the
-  # batches it already trained on.
+  # The data order is a function of (seed, step): a resumed run sees exactly the
+  # batches an uninterrupted one would.
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True,
-                                     seed=config.seed + start_step, features=features)
+                                     seed=config.seed, start_step=start_step, features=features)
   for batch in ds.as_numpy_iterator():
-    yield sharding.global_batch(batch, mesh)
+    yield sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
 
 
 def _check_finite(stage: str, step: int, metrics: dict[str, float],
@@ -177,8 +205,8 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
       final = step == num_train_steps
       save_now = step % train_config.checkpoint_every == 0 or final
       if step % train_config.log_every == 0 or save_now:
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        history = jax.device_get(history)  # Replicated scalars: every process has them.
+        summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
         history = []
         _check_finite(stage, step, summary, manager)
         now = time.perf_counter()
@@ -189,8 +217,12 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           for name, value in summary.items():
             writer.scalar(f'train/{name}', value, step)
           writer.flush()
-      if save_now:
+      preempted = preemption.reached()
+      if save_now or preempted:
         checkpointing.save(manager, state)
+      if preempted:
+        manager.wait_until_finished()
+        raise preemption.Preempted(stage, step)
       # Every process runs the callback: it computes over the global mesh; only
       # process 0 has a writer.
       if on_images and (
@@ -241,10 +273,19 @@ def autoencoder_setup(config: ml_collections.ConfigDict, mesh):
   model = builders.build_autoencoder(config)
   tx, lr_schedule = optim.make_optimizer(config.autoencoder.optim,
                                          config.autoencoder.num_train_steps)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(functools.partial(init_autoencoder_state, config, model, tx)),
-      sharding.replicated(mesh))
+  abstract = _sharded_abstract_state(
+      functools.partial(init_autoencoder_state, config, model, tx), mesh)
   return model, tx, lr_schedule, abstract
+
+
+def _sharded_abstract_state(init: Callable[[], TrainState], mesh):
+  """Shapes of `init()`'s state with the layout `sharding.state_sharding` gives it."""
+  shapes = jax.eval_shape(init)
+  return checkpointing.abstract_like(shapes, sharding.state_sharding(shapes, mesh))
+
+
+def _shardings(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
@@ -270,8 +311,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
   model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
+  state_sharding = _shardings(abstract)
   init = jax.jit(functools.partial(init_autoencoder_state, config, model, tx),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=state_sharding)
   num_steps = config.autoencoder.num_train_steps
   state, finished = _start_stage('autoencoder', manager, init, abstract, num_steps)
   if finished:
@@ -282,12 +324,12 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   step_fn = jax.jit(
       functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
                         lr_schedule=lr_schedule),
-      in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
   writer = summary_writer(log_dir)
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
-                        in_shardings=(replicated, data), out_shardings=data)
+                        in_shardings=(state_sharding.ema_params, data), out_shardings=data)
 
   def on_images(state):
     images = eval_batches[0]['image']
@@ -304,7 +346,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
                      on_images=on_images)
   psnr = reconstruction_psnr(reconstruct, state.ema_params, eval_batches)
   logging.info('autoencoder: %s-split reconstruction PSNR %.2f dB', config.data.eval_split, psnr)
-  print(f'autoencoder: {config.data.eval_split}-split reconstruction PSNR {psnr:.2f} dB')
+  if jax.process_index() == 0:
+    print(f'autoencoder: {config.data.eval_split}-split reconstruction PSNR {psnr:.2f} dB')
   if writer:
     writer.scalar(f'eval/psnr_{config.data.eval_split}', psnr, int(state.step))
     writer.flush()
@@ -322,8 +365,10 @@ def reconstruction_psnr(reconstruct: Callable, params, batches: list[Batch]) -> 
   total, count = 0.0, 0.0
   for batch in batches:
     values = losses.psnr(reconstruct(params, batch['image']), batch['image'])
-    mask = np.asarray(batch['mask'])
-    total += float(np.sum(np.asarray(values) * mask))
+    # Each process holds part of the batch: gather the whole before summing.
+    values, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                    for x in (values, batch['mask']))
+    total += float(np.sum(values * mask))
     count += float(mask.sum())
   return total / count
 
@@ -338,23 +383,64 @@ def diffusion_setup(config: ml_collections.ConfigDict, mesh):
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
   if config.diffusion.conditioning.name and config.diffusion.conditioning.frozen:
     tx = conditioning.freeze_conditioner(tx)
-  abstract = checkpointing.abstract_like(
-      jax.eval_shape(functools.partial(init_diffusion_state, config, unet, tx, 1.0)),
-      sharding.replicated(mesh))
+  abstract = _sharded_abstract_state(
+      functools.partial(init_diffusion_state, config, unet, tx, 1.0), mesh)
   return unet, tx, lr_schedule, abstract, num_classes
 
 
-def compute_scale_factor(config: ml_collections.ConfigDict, autoencoder: nn.Module, ae_params,
-                         batch: Batch) -> float:
-  """`config.diffusion.scale_factor`, or 1/std of the latents of one training batch."""
+class EncodedLatents:
+  """Stage-2 batches encoded from image batches on the fly (no latent cache)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, autoencoder: nn.Module,
+               ae_params, features: conditioning.Features | None = None):
+    self._config, self._mesh, self._ae_params = config, mesh, ae_params
+    self._features = features
+    self._encode = jax.jit(functools.partial(encode_batch, autoencoder=autoencoder),
+                           in_shardings=(_shardings(ae_params), sharding.data_sharding(mesh)),
+                           out_shardings=sharding.data_sharding(mesh))
+
+  def scale_factor(self) -> float:
+    """1/std of posterior draws over the first training batch (exact moments)."""
+    first = next(self.batches(0))
+    moments = latent_cache.posterior_moments(
+        *(multihost_utils.process_allgather(first[k], tiled=True)
+          for k in ('latent_mean', 'latent_logvar')))
+    return latent_cache.scale_factor_from_moments(moments)
+
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    for batch in _train_batches(self._config, self._mesh, start_step, self._features):
+      yield self._encode(self._ae_params, batch)
+
+
+class CachedLatents:
+  """Stage-2 batches from `WORKDIR/latents`, built (or rebuilt) first if needed."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh,
+               autoencoder: nn.Module, ae_params):
+    self._config, self._mesh = config, mesh
+    self._arrays = latent_cache.load(
+        latent_cache.build(config, workdir, mesh, autoencoder, ae_params))
+
+  def scale_factor(self) -> float:
+    """1/std of posterior draws over the whole cache."""
+    return latent_cache.cached_scale_factor(self._arrays)
+
+  def batches(self, start_step: int) -> Iterator[Batch]:
+    config = self._config
+    local = latent_cache.batches(self._arrays, config.data.batch_size // jax.process_count(),
+                                 seed=config.seed, start_step=start_step,
+                                 random_flip=config.data.random_flip)
+    for batch in local:
+      yield sharding.global_batch(batch, self._mesh)
+
+
+def initial_scale_factor(config: ml_collections.ConfigDict, latents) -> float:
+  """`diffusion.scale_factor`, a pretrained VAE's `scaling_factor`, or 1/std of `latents`."""
   if config.diffusion.scale_factor > 0:
     return float(config.diffusion.scale_factor)
   if config.autoencoder.pretrained:
     return pretrained.scaling_factor(config.autoencoder.pretrained)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)
-  latents = jax.jit(functools.partial(encode_latents, autoencoder=autoencoder))(
-      ae_params, batch['image'], rng)
-  return float(1.0 / jnp.std(latents))
+  return latents.scale_factor()
 
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
@@ -368,19 +454,23 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   sharding.check_batch_size(config.data.batch_size, mesh)
+  sharding.check_batch_size(config.data.batch_size // config.diffusion.grad_accum_steps, mesh,
+                            'data.batch_size / diffusion.grad_accum_steps')
   vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=True)
   features = conditioning.pipeline_features(config, vocabulary, train=True)
-  batches = None
+  # Built on first use: a finished stage needs neither the cache nor the encoder.
+  latents = functools.cache(
+      lambda: CachedLatents(config, workdir, mesh, autoencoder, ae_params)
+      if config.diffusion.cache_latents
+      else EncodedLatents(config, mesh, autoencoder, ae_params, features))
   base = finetune.base_params(config, ckpt_dir, mesh, create=True)  # None without LoRA.
+  state_sharding = _shardings(abstract)
 
   def init():
-    nonlocal batches
-    batches = _train_batches(config, mesh, 0, features)
-    first = next(batches)
-    scale = compute_scale_factor(config, autoencoder, ae_params, first)
+    scale = initial_scale_factor(config, latents())
     logging.info('diffusion: scale_factor %.5f', scale)
     init_fn = functools.partial(init_diffusion_state, config, unet, tx)
-    return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(
+    return jax.jit(init_fn, out_shardings=state_sharding)(
         scale, finetune.start_params(config, base))
 
   num_steps = config.diffusion.num_train_steps
@@ -391,10 +481,9 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
       finetune.with_base(config, functools.partial(
-          diffusion_train_step, autoencoder=autoencoder, unet=unet, config=config.diffusion,
-          lr_schedule=lr_schedule), unet),
-      in_shardings=(replicated, data, replicated, replicated, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+          diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), unet),
+      in_shardings=(state_sharding, data, replicated, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
   writer = summary_writer(log_dir)
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
@@ -415,10 +504,8 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
                               finetune.with_full_params(config, state, base),
                               autoencoder, ae_params, writer)
 
-  if batches is None:
-    batches = _train_batches(config, mesh, int(state.step), features)
-  state = _run_stage('diffusion', state,
-                     lambda s, b: step_fn(s, b, ae_params, schedule, base), batches,
+  state = _run_stage('diffusion', state, lambda s, b: step_fn(s, b, schedule, base),
+                     latents().batches(int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
                      on_images=on_images if config.train.image_every else None,
                      on_eval=on_eval)

@@ -5,7 +5,9 @@ only compares the config against them, so a new schedule needs no change here.
 """
 import ml_collections
 
-from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling, text
+from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling
+from ldm_jax import sharding, text
+from ldm_jax.models import layers
 from ldm_jax.errors import UserError
 
 RECONSTRUCTION_LOSSES = ('l1', 'l2')
@@ -35,6 +37,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive = lambda v: isinstance(v, int) and v > 0
   non_negative = lambda v: isinstance(v, int) and v >= 0
   _check(config, 'data.name', lambda v: isinstance(v, str) and v, 'a TFDS dataset name')
+  sharding.mesh_shape_spec(config.mesh_shape)  # The device count is checked with the mesh.
   _one_of(config, 'data.num_channels', (1, 3))
   for path in ('data.batch_size', 'data.image_size', 'data.shuffle_buffer'):
     _check(config, path, positive, 'a positive integer')
@@ -62,7 +65,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(config, path, lambda v: v > 0, 'a positive number')
   _check(config, 'diffusion.p2_gamma', lambda v: v >= 0, 'a number >= 0')
   _validate_lora(config)
+  _check(config, 'diffusion.model.remat', lambda v: v in layers.REMAT_POLICIES,
+         ', '.join(map(repr, layers.REMAT_POLICIES)))
+  _check(config, 'diffusion.grad_accum_steps', positive, 'a positive integer')
+  _check(config, 'data.batch_size', lambda v: v % config.diffusion.grad_accum_steps == 0,
+         f'a multiple of diffusion.grad_accum_steps={config.diffusion.grad_accum_steps}')
+  _check(config, 'diffusion.cache_shard_size', positive, 'a positive integer')
   for stage in ('autoencoder', 'diffusion'):
+    _one_of(config, f'{stage}.compute_dtype', builders.COMPUTE_DTYPES)
+    _check(config, f'{stage}.optim.grad_clip_norm', lambda v: v >= 0, 'a number >= 0 (0 = none)')
     _check(config, f'{stage}.num_train_steps', non_negative, 'an integer >= 0')
     _check(config, f'{stage}.ema_decay', lambda v: 0 <= v < 1, 'a number in [0, 1)')
     _one_of(config, f'{stage}.optim.lr_schedule', optim.LR_SCHEDULES)
@@ -106,6 +117,9 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
   positive = lambda v: isinstance(v, int) and v > 0
   c = config.diffusion.conditioning
   _one_of(config, 'diffusion.conditioning.name', conditioning.NAMES)
+  if c.name not in ('', 'class') and config.diffusion.cache_latents:
+    raise UserError(f'config.diffusion.cache_latents=True keeps latents and labels only, not '
+                    f'the features of conditioning.name={c.name!r}; accepted: False here')
   if c.name and config.diffusion.init_from:
     raise UserError(f'config.diffusion.conditioning.name={c.name!r} cannot start from '
                     f'config.diffusion.init_from (a diffusers UNet2DModel has no conditioner); '

@@ -304,13 +304,15 @@ def test_each_conditioner_trains(setups, name):
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
   state = jax.jit(functools.partial(train.init_diffusion_state, config, model, tx))(1.0)
   step = jax.jit(functools.partial(
-      train.diffusion_train_step, autoencoder=autoencoder, unet=model, config=config.diffusion,
-      lr_schedule=lr_schedule))
+      train.diffusion_train_step, unet=model, config=config.diffusion, lr_schedule=lr_schedule))
   schedule = builders.make_schedule(config)
+  # The encoder posterior with the conditioning features passed through.
+  batch = jax.jit(functools.partial(train.encode_batch, autoencoder=autoencoder))(ae_params, batch)
+  assert set(conditioning.BATCH_KEYS[name]) <= set(batch)
   initial = state.params.get('conditioner', {})
   losses = []
   for _ in range(config.diffusion.num_train_steps):
-    state, metrics = step(state, batch, ae_params, schedule)
+    state, metrics = step(state, batch, schedule)
     losses.append(float(metrics['loss']))
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
   changes = [float(jnp.abs(a - b).max()) for a, b in
@@ -360,6 +362,8 @@ def test_conditioning_configs_validate(module):
     (dict(name='concat', context_dim=8), 'context_dim=8 .*0 for conditioning.name'),
     (dict(name='text', context_dim=8, num_heads=3), 'num_heads=3 .*divisor of .*context_dim=8'),
     (dict(name='concat', context_dim=0, factor=5), 'factor=5 .*divisor of data.image_size=32'),
+    (dict(name='text', context_dim=8, cache_latents=True),
+     "cache_latents=True keeps latents and labels only.*conditioning.name='text'"),
 ])
 def test_bad_conditioning_is_one_line(override, message):
   config = digits_text.get_config()
@@ -370,6 +374,7 @@ def test_bad_conditioning_is_one_line(override, message):
     c.text.num_heads = override['num_heads']
   if 'factor' in override:
     c.concat.factor = override['factor']
+  config.diffusion.cache_latents = override.get('cache_latents', False)
   with pytest.raises(UserError, match=message):
     validate_config(config)
 

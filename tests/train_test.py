@@ -30,14 +30,19 @@ def setup(digits_data_dir):
   return config, autoencoder, unet, ae_state, ae_lr, _first_batch(config)
 
 
-def _diffusion_step(config, autoencoder, unet, mesh, num_train_steps=100):
+def _diffusion_step(config, unet, mesh, num_train_steps=100):
   tx, lr = train.optim.make_optimizer(config.diffusion.optim, num_train_steps)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step = jax.jit(functools.partial(train.diffusion_train_step, autoencoder=autoencoder,
-                                   unet=unet, config=config.diffusion, lr_schedule=lr),
-                 in_shardings=(replicated, data, replicated, replicated),
+  step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
+                                   config=config.diffusion, lr_schedule=lr),
+                 in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated))
   return tx, step
+
+
+def _posterior_batch(ae_params, batch, autoencoder, mesh):
+  return sharding.global_batch(
+      jax.device_get(train.encode_batch(ae_params, batch, autoencoder=autoencoder)), mesh)
 
 
 def _init_diffusion_state(config, unet, tx, mesh):
@@ -66,11 +71,11 @@ def test_diffusion_loss_falls_from_closed_form_start(setup):
   config, autoencoder, unet, ae_state, _, batch = setup
   mesh = sharding.make_mesh(jax.devices()[:1])
   schedule = builders.make_schedule(config)
-  tx, step = _diffusion_step(config, autoencoder, unet, mesh)
+  tx, step = _diffusion_step(config, unet, mesh)
   state = _init_diffusion_state(config, unet, tx, mesh)
-  images = jnp.asarray(batch['image'])
-  z0 = train.encode_latents(ae_state.params, images, jax.random.PRNGKey(1),
-                            autoencoder=autoencoder)
+  posterior = _posterior_batch(ae_state.params, batch, autoencoder, mesh)
+  z0 = posterior['latent_mean'] + jnp.exp(0.5 * posterior['latent_logvar']) * jax.random.normal(
+      jax.random.PRNGKey(1), posterior['latent_mean'].shape)
   # A fixed evaluation set of timesteps and noise, so the comparison is noise-free.
   t = jnp.tile(jnp.linspace(0, config.diffusion.num_timesteps - 1, 4).astype(jnp.int32), 4)
   noise = jax.random.normal(jax.random.PRNGKey(2), z0.shape)
@@ -82,9 +87,8 @@ def test_diffusion_loss_falls_from_closed_form_start(setup):
 
   initial = eval_loss(state.params)
   np.testing.assert_allclose(initial, float(jnp.mean(noise ** 2)), rtol=1e-6)
-  sharded = sharding.global_batch(batch, mesh)
   for _ in range(60):
-    state, _ = step(state, sharded, ae_state.params, schedule)
+    state, _ = step(state, posterior, schedule)
   assert eval_loss(state.params) < 0.75 * initial
 
 
@@ -95,10 +99,11 @@ def test_one_and_eight_devices_give_the_same_update(setup):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    tx, step = _diffusion_step(config, autoencoder, unet, mesh)
+    tx, step = _diffusion_step(config, unet, mesh)
     state = _init_diffusion_state(config, unet, tx, mesh)
+    posterior = _posterior_batch(ae_state.params, batch, autoencoder, mesh)
     for _ in range(2):
-      state, metrics = step(state, sharding.global_batch(batch, mesh), ae_state.params, schedule)
+      state, metrics = step(state, posterior, schedule)
     assert len(state.params['conv_in']['kernel'].sharding.device_set) == len(devices)
     results.append((float(metrics['loss']), jax.device_get(state.params)))
   (loss_1, params_1), (loss_8, params_8) = results

@@ -25,6 +25,11 @@ def test_default_config_is_valid():
     ('diffusion.ema_decay', 1.0, '[0, 1)'),
     ('diffusion.optim.lr_schedule', 'step', 'cosine, constant'),
     ('train.checkpoint_every', 0, 'a positive integer'),
+    ('diffusion.compute_dtype', 'float16', 'float32, bfloat16'),
+    ('autoencoder.compute_dtype', 'bf16', 'float32, bfloat16'),
+    ('diffusion.model.remat', 'all', "'', 'full', 'dots_saveable'"),
+    ('diffusion.grad_accum_steps', 0, 'a positive integer'),
+    ('diffusion.optim.grad_clip_norm', -1.0, '0 = none'),
 ])
 def test_bad_value_names_field_and_accepted_values(path, value, fragment):
   config = default.get_config()

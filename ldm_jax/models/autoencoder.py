@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import DownBlock, MidBlock, UpBlock, group_norm
+from ldm_jax.models.layers import Dtype, DownBlock, MidBlock, UpBlock, group_norm
 
 # Bounds on the posterior log-variance, as in the reference implementation: they keep
 # exp(logvar) finite early in training without affecting a trained model.
@@ -44,6 +44,7 @@ class Encoder(nn.Module):
     norm_num_groups: GroupNorm groups.
     norm_eps: GroupNorm epsilon.
     mid_block_attention: self-attention in the middle block.
+    dtype: compute dtype.
   """
 
   block_out_channels: Sequence[int]
@@ -52,11 +53,12 @@ class Encoder(nn.Module):
   norm_num_groups: int
   norm_eps: float
   mid_block_attention: bool
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps x [B, H, W, C] -> [B, H/f, W/f, 2 * latent_channels]."""
-    h = nn.Conv(self.block_out_channels[0], (3, 3), padding=1, name='conv_in')(x)
+    h = nn.Conv(self.block_out_channels[0], (3, 3), padding=1, dtype=self.dtype, name='conv_in')(x)
     num_levels = len(self.block_out_channels)
     for i, channels in enumerate(self.block_out_channels):
       h, _ = DownBlock(
@@ -66,18 +68,20 @@ class Encoder(nn.Module):
           norm_eps=self.norm_eps,
           add_downsample=i < num_levels - 1,
           asymmetric_padding=True,
+          dtype=self.dtype,
           name=f'down_blocks_{i}',
       )(h)
     h = _mid_block(self)(h)
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
-    return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, name='conv_out')(h)
+    return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
 
 
 def _mid_block(coder: 'Encoder | Decoder') -> MidBlock:
   """The SD VAE middle block: ResNet, single-head attention (if enabled), ResNet."""
   return MidBlock(coder.norm_num_groups, coder.norm_eps,
-                  attention_heads=1 if coder.mid_block_attention else None, name='mid_block')
+                  attention_heads=1 if coder.mid_block_attention else None, dtype=coder.dtype,
+                  name='mid_block')
 
 
 class Decoder(nn.Module):
@@ -90,6 +94,7 @@ class Decoder(nn.Module):
     norm_num_groups: GroupNorm groups.
     norm_eps: GroupNorm epsilon.
     mid_block_attention: self-attention in the middle block.
+    dtype: compute dtype.
   """
 
   out_channels: int
@@ -98,12 +103,13 @@ class Decoder(nn.Module):
   norm_num_groups: int
   norm_eps: float
   mid_block_attention: bool
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     """Maps z [B, h, w, c] -> [B, h*f, w*f, out_channels]."""
     reversed_channels = tuple(reversed(self.block_out_channels))
-    h = nn.Conv(reversed_channels[0], (3, 3), padding=1, name='conv_in')(z)
+    h = nn.Conv(reversed_channels[0], (3, 3), padding=1, dtype=self.dtype, name='conv_in')(z)
     h = _mid_block(self)(h)
     for i, channels in enumerate(reversed_channels):
       h = UpBlock(
@@ -112,11 +118,12 @@ class Decoder(nn.Module):
           norm_num_groups=self.norm_num_groups,
           norm_eps=self.norm_eps,
           add_upsample=i < len(reversed_channels) - 1,
+          dtype=self.dtype,
           name=f'up_blocks_{i}',
       )(h)
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
-    return nn.Conv(self.out_channels, (3, 3), padding=1, name='conv_out')(h)
+    return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -131,6 +138,8 @@ class AutoencoderKL(nn.Module):
     norm_num_groups: GroupNorm groups everywhere.
     norm_eps: GroupNorm epsilon (1e-6 in the SD VAE).
     mid_block_attention: self-attention in the encoder and decoder middle blocks.
+    dtype: compute dtype (float32 or bfloat16); parameters stay float32 and the
+      posterior and reconstructions are returned as float32.
   """
 
   out_channels: int
@@ -140,6 +149,7 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   norm_eps: float = 1e-6
   mid_block_attention: bool = True
+  dtype: Dtype = jnp.float32
 
   @property
   def downsample_factor(self) -> int:
@@ -156,9 +166,10 @@ class AutoencoderKL(nn.Module):
         norm_num_groups=self.norm_num_groups,
         norm_eps=self.norm_eps,
         mid_block_attention=self.mid_block_attention,
+        dtype=self.dtype,
     )
-    self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1))
-    self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1))
+    self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
+    self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
     self.decoder = Decoder(
         out_channels=self.out_channels,
         block_out_channels=tuple(self.block_out_channels),
@@ -166,6 +177,7 @@ class AutoencoderKL(nn.Module):
         norm_num_groups=self.norm_num_groups,
         norm_eps=self.norm_eps,
         mid_block_attention=self.mid_block_attention,
+        dtype=self.dtype,
     )
 
   def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -184,13 +196,13 @@ class AutoencoderKL(nn.Module):
           f'AutoencoderKL.encode expects [B, H, W, C] with H and W divisible by the '
           f'downsampling factor {f}, got shape {x.shape}'
       )
-    moments = self.quant_conv(self.encoder(x))  # [B, H/f, W/f, 2 * latent]
+    moments = self.quant_conv(self.encoder(x)).astype(jnp.float32)  # [B, H/f, W/f, 2 * latent]
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
   def decode(self, z: jax.Array) -> jax.Array:
     """Maps latents z [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels]."""
-    return self.decoder(self.post_quant_conv(z))
+    return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
   def __call__(
       self, x: jax.Array, rng: jax.Array | None = None

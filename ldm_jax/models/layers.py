@@ -6,12 +6,25 @@ modules by renaming alone. All modules take NHWC inputs.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.transformer import SpatialTransformer
+
+Dtype = Any
+
+# Rematerialisation policies for the U-Net blocks (`remat` model field): '' keeps
+# every activation for the backward pass; 'full' keeps only each block's inputs and
+# recomputes the rest; 'dots_saveable' keeps matmul outputs (attention projections
+# and time-embedding projections) and recomputes convolutions and elementwise ops.
+REMAT_POLICIES = {
+    '': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
@@ -50,7 +63,8 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
   return emb
 
 
-def group_norm(channels: int, num_groups: int, epsilon: float, name: str) -> nn.GroupNorm:
+def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
+               dtype: Dtype = jnp.float32) -> nn.GroupNorm:
   """Creates a GroupNorm after checking that `channels` splits into `num_groups`.
 
   Flax's own error for a bad split does not say which layer failed; this one names
@@ -61,6 +75,7 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str) -> nn.
     num_groups: number of groups.
     epsilon: added to the variance.
     name: submodule name; must be called inside a compact method.
+    dtype: output dtype; the mean and variance are always reduced in float32.
 
   Returns:
     An unbound `nn.GroupNorm` registered under `name` in the calling module.
@@ -71,7 +86,28 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str) -> nn.
         f'norm_num_groups={num_groups}'
     )
   # Two-pass variance: E[x^2] - E[x]^2 loses precision for large activations.
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, use_fast_variance=False, name=name)
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, use_fast_variance=False,
+                      dtype=dtype, force_float32_reductions=True, name=name)
+
+
+def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
+  """`module_cls`, rematerialised under `REMAT_POLICIES[policy]` ('' = unchanged).
+
+  Args:
+    module_cls: the module class to wrap.
+    policy: a key of `REMAT_POLICIES`.
+    static_argnums: positional `__call__` arguments (counting `self` as 0) that are
+      Python values, such as a `train` flag.
+
+  Returns:
+    A module class with the same fields and call signature.
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {policy!r}; accepted: '
+                     f'{", ".join(map(repr, REMAT_POLICIES))}')
+  if not policy:
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
 class ResnetBlock(nn.Module):
@@ -85,15 +121,18 @@ class ResnetBlock(nn.Module):
     norm_num_groups: GroupNorm groups (must divide input and output channels).
     norm_eps: GroupNorm epsilon.
     dropout: dropout rate before the second conv (active only with `train=True`).
+    dtype: compute dtype of convs, projections and norm outputs (params stay float32).
   """
 
   out_channels: int
   norm_num_groups: int
   norm_eps: float
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     """Applies the block.
 
     Args:
@@ -105,20 +144,20 @@ class ResnetBlock(nn.Module):
       [B, H, W, out_channels].
     """
     in_channels = x.shape[-1]
-    h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1')(x)
+    h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1', self.dtype)(x)
     h = nn.silu(h)
-    h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv1')(h)  # [B, H, W, C_out]
+    h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv1')(h)  # [B, H, W, C_out]
     if temb is not None:
       # SiLU before the projection as in diffusers and ADM: the embedding MLP ends in
       # a linear layer, so without it each block would only see a linear map of it.
-      proj = nn.Dense(self.out_channels, name='time_emb_proj')(nn.silu(temb))  # [B, C_out]
+      proj = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))  # [B, C_out]
       h = h + proj[:, None, None, :]
-    h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2')(h)
+    h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2', self.dtype)(h)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv2')(h)
+    h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv2')(h)
     if in_channels != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), name='conv_shortcut')(x)
+      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='conv_shortcut')(x)
     return x + h
 
 
@@ -133,12 +172,14 @@ class AttentionBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     num_heads: number of attention heads.
     head_dim: channels per head.
+    dtype: compute dtype of the projections; the softmax runs in float32.
   """
 
   norm_num_groups: int
   norm_eps: float
   num_heads: int | None = None
   head_dim: int | None = None
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,14 +208,15 @@ class AttentionBlock(nn.Module):
       )
     head_dim = c // num_heads
 
-    h = group_norm(c, self.norm_num_groups, self.norm_eps, 'group_norm')(x)
+    h = group_norm(c, self.norm_num_groups, self.norm_eps, 'group_norm', self.dtype)(x)
     h = h.reshape(b, height * width, c)  # [B, T, C]
-    q = nn.Dense(c, name='to_q')(h).reshape(b, height * width, num_heads, head_dim)  # [B, T, N, D]
-    k = nn.Dense(c, name='to_k')(h).reshape(b, height * width, num_heads, head_dim)
-    v = nn.Dense(c, name='to_v')(h).reshape(b, height * width, num_heads, head_dim)
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+    q = dense('to_q')(h).reshape(b, height * width, num_heads, head_dim)  # [B, T, N, D]
+    k = dense('to_k')(h).reshape(b, height * width, num_heads, head_dim)
+    v = dense('to_v')(h).reshape(b, height * width, num_heads, head_dim)
     # Scale 1/sqrt(D); the XLA implementation computes the softmax in float32.
     out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, D]
-    out = nn.Dense(c, name='to_out')(out.reshape(b, height * width, c))  # [B, T, C]
+    out = dense('to_out')(out.reshape(b, height * width, c))  # [B, T, C]
     return x + out.reshape(b, height, width, c)
 
 
@@ -187,10 +229,12 @@ class Downsample(nn.Module):
       as the diffusers VAE does; otherwise pad one on every side. For even H both
       give H / 2 but sample different pixels, so pretrained VAE weights need the
       asymmetric form.
+    dtype: compute dtype.
   """
 
   out_channels: int
   asymmetric_padding: bool = False
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -200,7 +244,8 @@ class Downsample(nn.Module):
       padding = 0
     else:
       padding = 1
-    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=padding, name='conv')(x)
+    return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=padding, dtype=self.dtype,
+                   name='conv')(x)
 
 
 class Upsample(nn.Module):
@@ -208,15 +253,17 @@ class Upsample(nn.Module):
 
   Attributes:
     out_channels: output channels.
+    dtype: compute dtype.
   """
 
   out_channels: int
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, out_channels]."""
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
-    return nn.Conv(self.out_channels, (3, 3), padding=1, name='conv')(x)
+    return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv')(x)
 
 
 class TimestepEmbedding(nn.Module):
@@ -224,15 +271,32 @@ class TimestepEmbedding(nn.Module):
 
   Attributes:
     features: output width (and hidden width).
+    dtype: compute dtype.
   """
 
   features: int
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, emb: jax.Array) -> jax.Array:
     """Maps [B, D_in] -> [B, features]."""
-    emb = nn.Dense(self.features, name='linear_1')(emb)
-    return nn.Dense(self.features, name='linear_2')(nn.silu(emb))
+    emb = nn.Dense(self.features, dtype=self.dtype, name='linear_1')(emb)
+    return nn.Dense(self.features, dtype=self.dtype, name='linear_2')(nn.silu(emb))
+
+
+def _resnet_block(block: nn.Module, channels: int, name: str) -> nn.Module:
+  """A ResnetBlock with `block`'s norm, dropout, dtype and remat settings."""
+  # `train` (argument 3, counting self) selects dropout: a Python value, not traced.
+  cls = remat(ResnetBlock, block.remat, static_argnums=(3,))
+  return cls(channels, block.norm_num_groups, block.norm_eps, block.dropout,
+             dtype=block.dtype, name=name)
+
+
+def _attention_block(block: nn.Module, name: str) -> nn.Module:
+  """An AttentionBlock with `block`'s norm, heads, dtype and remat settings."""
+  return remat(AttentionBlock, block.remat)(
+      block.norm_num_groups, block.norm_eps, num_heads=block.attention_heads,
+      dtype=block.dtype, name=name)
 
 
 def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None,
@@ -246,11 +310,11 @@ def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None
   if block.transformer_depth:
     if context is None:
       raise ValueError(f'{name}: a spatial transformer needs a context [B, S, D]')
-    return SpatialTransformer(block.attention_heads, block.transformer_depth,
-                              block.use_linear_projection, block.norm_num_groups,
-                              block.norm_eps, name=name)(x, context, context_mask)
-  return AttentionBlock(
-      block.norm_num_groups, block.norm_eps, num_heads=block.attention_heads, name=name)(x)
+    # Computed in the parameters' float32 whatever `block.dtype`.
+    return remat(SpatialTransformer, block.remat)(
+        block.attention_heads, block.transformer_depth, block.use_linear_projection,
+        block.norm_num_groups, block.norm_eps, name=name)(x, context, context_mask)
+  return _attention_block(block, name)(x)
 
 
 class DownBlock(nn.Module):
@@ -265,6 +329,9 @@ class DownBlock(nn.Module):
     add_downsample: end with a stride-2 Downsample.
     asymmetric_padding: Downsample padding style (see `Downsample`).
     dropout: ResnetBlock dropout rate.
+    dtype: compute dtype of every layer.
+    remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
+      `REMAT_POLICIES`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -278,6 +345,8 @@ class DownBlock(nn.Module):
   add_downsample: bool = True
   asymmetric_padding: bool = False
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: str = ''
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -301,14 +370,13 @@ class DownBlock(nn.Module):
     """
     skips = []
     for j in range(self.num_layers):
-      x = ResnetBlock(
-          self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
-      )(x, temb, train=train)
+      x = _resnet_block(self, self.out_channels, f'resnets_{j}')(x, temb, train)
       if self.attention_heads is not None:
         x = _attend(self, x, f'attentions_{j}', context, context_mask)
       skips.append(x)
     if self.add_downsample:
-      x = Downsample(self.out_channels, self.asymmetric_padding, name='downsamplers_0')(x)
+      x = Downsample(self.out_channels, self.asymmetric_padding, dtype=self.dtype,
+                     name='downsamplers_0')(x)
       skips.append(x)
     return x, tuple(skips)
 
@@ -321,6 +389,9 @@ class MidBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     attention_heads: heads of the middle attention; None to leave it out.
     dropout: ResnetBlock dropout rate.
+    dtype: compute dtype of every layer.
+    remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
+      `REMAT_POLICIES`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -330,6 +401,8 @@ class MidBlock(nn.Module):
   norm_eps: float
   attention_heads: int | None = 1
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: str = ''
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -339,14 +412,10 @@ class MidBlock(nn.Module):
                context_mask: jax.Array | None = None) -> jax.Array:
     """Maps [B, H, W, C] -> [B, H, W, C]; context as in `DownBlock`."""
     c = x.shape[-1]
-    x = ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_0')(
-        x, temb, train=train
-    )
+    x = _resnet_block(self, c, 'resnets_0')(x, temb, train)
     if self.attention_heads is not None:
       x = _attend(self, x, 'attentions_0', context, context_mask)
-    return ResnetBlock(c, self.norm_num_groups, self.norm_eps, self.dropout, name='resnets_1')(
-        x, temb, train=train
-    )
+    return _resnet_block(self, c, 'resnets_1')(x, temb, train)
 
 
 class UpBlock(nn.Module):
@@ -360,6 +429,9 @@ class UpBlock(nn.Module):
     attention_heads: heads of an AttentionBlock after each ResnetBlock; None for none.
     add_upsample: end with a nearest x2 Upsample.
     dropout: ResnetBlock dropout rate.
+    dtype: compute dtype of every layer.
+    remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
+      `REMAT_POLICIES`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -372,6 +444,8 @@ class UpBlock(nn.Module):
   attention_heads: int | None = None
   add_upsample: bool = True
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: str = ''
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -405,11 +479,9 @@ class UpBlock(nn.Module):
     for j in range(self.num_layers):
       if skips is not None:
         x = jnp.concatenate([x, skips[-1 - j]], axis=-1)  # [B, H, W, C + C_skip]
-      x = ResnetBlock(
-          self.out_channels, self.norm_num_groups, self.norm_eps, self.dropout, name=f'resnets_{j}'
-      )(x, temb, train=train)
+      x = _resnet_block(self, self.out_channels, f'resnets_{j}')(x, temb, train)
       if self.attention_heads is not None:
         x = _attend(self, x, f'attentions_{j}', context, context_mask)
     if self.add_upsample:
-      x = Upsample(self.out_channels, name='upsamplers_0')(x)
+      x = Upsample(self.out_channels, dtype=self.dtype, name='upsamplers_0')(x)
     return x

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import (
+    Dtype,
     DownBlock,
     MidBlock,
     TimestepEmbedding,
@@ -53,6 +54,12 @@ class UNet(nn.Module):
       (Stable Diffusion 2) instead of 1x1 convolutions (LDM, SD 1).
     flip_sin_to_cos: sinusoidal time embedding order (see `timestep_embedding`).
     freq_shift: `downscale_freq_shift` of the time embedding.
+    remat: rematerialisation of each ResnetBlock / AttentionBlock in the backward
+      pass, a key of `layers.REMAT_POLICIES`: '' (none), 'full', 'dots_saveable'.
+      Trades compute for activation memory; the result is unchanged.
+    dtype: compute dtype (float32 or bfloat16). Parameters stay float32, GroupNorm
+      statistics and the attention softmax are float32, and the prediction is
+      returned as float32 so that losses and samplers run in float32.
   """
 
   out_channels: int
@@ -74,6 +81,8 @@ class UNet(nn.Module):
   attention_levels: Sequence[int] | None = None
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
+  remat: str = ''
+  dtype: Dtype = jnp.float32
 
   @property
   def null_class(self) -> int:
@@ -100,7 +109,7 @@ class UNet(nn.Module):
         at least one True.
 
     Returns:
-      [B, H, W, out_channels]; exactly zero at initialisation.
+      [B, H, W, out_channels] float32; exactly zero at initialisation.
     """
     if not self.channel_mult:
       raise ValueError('channel_mult must name at least one level')
@@ -122,11 +131,12 @@ class UNet(nn.Module):
     time_embed_dim = self.time_embed_dim or 4 * self.base_channels
     temb = timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                               downscale_freq_shift=self.freq_shift)  # [B, base]
-    temb = TimestepEmbedding(time_embed_dim, name='time_embedding')(temb)  # [B, D]
-    if self.num_classes > 0:
+    temb = TimestepEmbedding(time_embed_dim, dtype=self.dtype, name='time_embedding')(temb)
+    if self.num_classes > 0:  # temb: [B, D]
       if y is None:
         y = jnp.full((batch,), self.null_class, jnp.int32)
-      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, name='class_embedding')(y)
+      temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, dtype=self.dtype,
+                             name='class_embedding')(y)
 
     def heads(channels: int) -> int:
       if self.head_dim <= 0:
@@ -144,11 +154,13 @@ class UNet(nn.Module):
         norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
         transformer_depth=self.transformer_depth if self.context_dim > 0 else 0,
         use_linear_projection=self.use_linear_projection,
+        dtype=self.dtype, remat=self.remat,
     )
     cross = dict(context=context, context_mask=context_mask)
     num_levels = len(self.channel_mult)
 
-    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, name='conv_in')(x)
+    h = nn.Conv(self.base_channels * self.channel_mult[0], (3, 3), padding=1, dtype=self.dtype,
+                name='conv_in')(x)
     skips = [h]
     for i, mult in enumerate(self.channel_mult):
       h, block_skips = DownBlock(
@@ -178,7 +190,7 @@ class UNet(nn.Module):
       )(h, block_skips, temb, train=train, **cross)
     assert not skips, 'every skip feature is consumed by the up path'
 
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out')(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
     # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
     # keeps the first steps stable (Dhariwal & Nichol 2021).
@@ -188,5 +200,6 @@ class UNet(nn.Module):
         padding=1,
         kernel_init=nn.initializers.zeros_init(),
         bias_init=nn.initializers.zeros_init(),
+        dtype=self.dtype,
         name='conv_out',
-    )(h)
+    )(h).astype(jnp.float32)

@@ -1,0 +1,140 @@
+"""The ablation runner: planning, dry runs, a tiny 2-variant sweep end to end, tables."""
+import csv
+import os
+import pathlib
+
+import pytest
+from PIL import Image
+
+from ldm_jax import ablate
+from ldm_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_sweep(path: pathlib.Path, data_dir: str) -> str:
+  path.write_text(f'''
+def get_sweep():
+  return dict(
+      config={str(ROOT / 'configs' / 'tiny.py')!r},
+      overrides={{'data.data_dir': {data_dir!r}, 'eval.num_samples': 16,
+                 'eval.classifier_steps': 30}},
+      variants=[dict(name='linear', overrides={{'diffusion.schedule': 'linear'}}),
+                dict(name='cosine-v', overrides={{'diffusion.schedule': 'cosine',
+                                                  'diffusion.prediction_type': 'v'}})],
+      seeds=(0,),
+      share_autoencoder=True,
+  )
+''')
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory, digits_data_dir):
+  """A tiny sweep run once: (sweep file, root); commands on one device, from the repo root."""
+  tmp = tmp_path_factory.mktemp('ablate')
+  sweep = write_sweep(tmp / 'tiny_sweep.py', digits_data_dir)
+  root = str(tmp / 'runs')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+    mp.chdir(ROOT)
+    ablate.run_sweep(sweep, root)
+  return sweep, root
+
+
+def test_dry_run_prints_one_line_per_run_and_runs_nothing(tmp_path, digits_data_dir, capsys):
+  sweep = write_sweep(tmp_path / 'sweep.py', digits_data_dir)
+  root = tmp_path / 'never_created'
+  ablate.run_sweep(sweep, str(root), dry_run=True)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert not root.exists()
+  assert len(lines) == 3  # The shared first stage, then one line per variant × seed.
+  assert '--mode=train_autoencoder' in lines[0]
+  for line, name in zip(lines[1:], ('linear', 'cosine-v')):
+    train, evaluate = line.split(' && ')
+    assert train.startswith('python -m ldm_jax.main ') and '--mode=train ' in train + ' '
+    assert '--mode=eval' in evaluate
+    assert f'--workdir={root}/{name}/seed_0' in train
+    assert f'--config.autoencoder.workdir={root}/autoencoder' in train
+  assert '--config.diffusion.prediction_type=v' in lines[2]
+
+
+def test_only_selects_a_variant_and_rejects_unknown_names(tmp_path, digits_data_dir):
+  sweep = ablate.load_sweep(write_sweep(tmp_path / 'sweep.py', digits_data_dir))
+  runs = ablate.plan(sweep, str(tmp_path), only=['cosine-v'])
+  assert [(r.variant, r.seed) for r in runs] == [('cosine-v', 0)]
+  assert runs[0].overrides['diffusion.schedule'] == 'cosine'
+  with pytest.raises(UserError, match="unknown variants \\['nope'\\]"):
+    ablate.plan(sweep, str(tmp_path), only=['nope'])
+
+
+def test_bad_sweep_files_stop_with_one_line(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_sweep():\n  return dict(config="c.py", variants=[], sedes=(0,))\n')
+  with pytest.raises(UserError, match="unknown keys \\['sedes'\\]"):
+    ablate.load_sweep(str(bad))
+  bad.write_text('def get_sweep():\n  return dict(config="c.py", variants=[{"name": "a b"}])\n')
+  with pytest.raises(UserError, match='variant names'):
+    ablate.load_sweep(str(bad))
+  with pytest.raises(UserError, match='not found'):
+    ablate.load_sweep(str(tmp_path / 'missing.py'))
+
+
+def test_sweep_writes_results_table_and_plots(swept):
+  _, root = swept
+  with open(os.path.join(root, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['variant'] for r in rows] == ['linear', 'cosine-v']
+  for row in rows:
+    assert float(row['train_seconds']) > 0
+    assert 0 < float(row['final_loss']) < 10
+    assert 0 <= float(row['class_accuracy']) <= 1
+    assert float(row['fd_classifier']) >= 0
+  table = pathlib.Path(root, 'results.md').read_text()
+  assert '| linear |' in table and '| cosine-v |' in table and '*real vs real*' in table
+  assert table.count('**') >= 2  # Some column has a best value in bold.
+  for name in ('loss_curves.png', 'metrics.png'):
+    with Image.open(os.path.join(root, name)) as image:
+      assert image.format == 'PNG' and image.size[0] > 200
+
+
+def test_second_invocation_trains_nothing(swept, monkeypatch):
+  sweep, root = swept
+  before = pathlib.Path(root, 'results.csv').read_text()
+
+  def fail(command, log_path):
+    raise AssertionError(f'ran {command}')
+
+  monkeypatch.setattr(ablate, '_execute', fail)
+  monkeypatch.chdir(ROOT)
+  ablate.run_sweep(sweep, root)
+  after = pathlib.Path(root, 'results.csv').read_text()
+  assert after == before
+
+
+def test_markdown_marks_the_best_mean_in_the_right_direction(tmp_path):
+  rows = [
+      dict(variant='a', seed=0, fd_classifier=5.0, class_accuracy=0.9, fd_classifier_real=1.0),
+      dict(variant='a', seed=1, fd_classifier=7.0, class_accuracy=0.8, fd_classifier_real=1.0),
+      dict(variant='b', seed=0, fd_classifier=3.0, class_accuracy=0.5, fd_classifier_real=1.0),
+      dict(variant='b', seed=1, fd_classifier=3.0, class_accuracy=0.7, fd_classifier_real=1.0),
+  ]
+  summary = ablate.summarize(rows)
+  assert summary['a']['fd_classifier'] == pytest.approx((6.0, 2 ** 0.5))
+  assert summary['b']['class_accuracy'] == pytest.approx((0.6, 2 ** 0.5 / 10))
+  path = tmp_path / 'results.md'
+  ablate.write_markdown(rows, str(path), 'study')
+  lines = {line.split('|')[1].strip(): line for line in path.read_text().splitlines()
+           if line.startswith('| ')}
+  assert '**3 ± 0**' in lines['b']              # Lower FD is better.
+  assert '**0.85 ± 0.071**' in lines['a']       # Higher accuracy is better.
+  assert lines['*real vs real*'].split('|')[2].strip() == '1'
+
+
+def test_flags_round_trip_through_the_shell():
+  assert ablate._flag('data.name', 'my data') == "'--config.data.name=my data'"
+  assert ablate._flag('model.channel_mult', (1, 2)) == "'--config.model.channel_mult=(1,2)'"
+  assert ablate._flag('model.channel_mult', (4,)) == "'--config.model.channel_mult=(4,)'"
+  assert ablate._flag('seed', 3) == '--config.seed=3'
+  assert ablate.lower_is_better('fd_classifier') and ablate.lower_is_better('kid')
+  assert not ablate.lower_is_better('class_accuracy') and not ablate.lower_is_better('ae_psnr')
