@@ -175,7 +175,7 @@ def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True,
                                      seed=config.seed, start_step=start_step, features=features)
   for batch in ds.as_numpy_iterator():
-    yield sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+    yield sharding.global_batch(batch, mesh)  # Image, label and conditioning features.
 
 
 def _check_finite(stage: str, step: int, metrics: dict[str, float],

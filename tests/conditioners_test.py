@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import coco_text2img, digits_superres, digits_text, imagenet_sr4x
 from ldm_jax import builders, conditioning, editing, generate, input_pipeline, optim, sampling
-from ldm_jax import sharding, superres, text, train
+from ldm_jax import modes, sharding, superres, text, train
 from ldm_jax.datasets import digits_captions
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
@@ -181,6 +181,7 @@ def _tiny(config, **conditioning_fields):
                                 attention_resolutions=(8,), num_heads=2, norm_num_groups=4)
   config.diffusion.optim.update(learning_rate=3e-3, warmup_steps=1)
   config.diffusion.num_train_steps = 30
+  config.diffusion.prediction_type = 'eps'  # Every model starts at loss E[eps^2] = 1.
   config.diffusion.conditioning.update(conditioning_fields)
   return config
 
@@ -413,3 +414,21 @@ def test_bicubic_upsample_keeps_constants_and_range():
   edges = np.where(np.arange(16).reshape(1, 4, 4, 1) % 2, 1.0, -1.0).astype(np.float32)
   up = conditioning.bicubic_upsample(edges, 16)
   assert up.min() >= -1.0 and up.max() <= 1.0  # Overshoot clipped to the image range.
+
+
+def test_text_run_end_to_end(captions_data_dir, tmp_path):
+  """Both stages from the command-line modes; the vocabulary file; prompts, rows and errors."""
+  config = _text_config(captions_data_dir)
+  config.autoencoder.num_train_steps = 2
+  config.diffusion.num_train_steps = 2
+  config.train.update(log_every=1, checkpoint_every=2)
+  config.sample.update(num_steps=2, num_samples=4, batch_size=8)
+  workdir = str(tmp_path)
+  modes.train_mode(config, workdir)
+  vocabulary = text.Vocabulary.load(conditioning.vocabulary_path(workdir))
+  assert 'seven' in vocabulary.words
+  modes.sample_mode(config, workdir, num_samples=6, prompts=['a thick three', 'a two'])
+  grid = np.asarray(Image.open(tmp_path / 'samples' / 'grid_2.png'))
+  assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)  # One row per prompt.
+  with pytest.raises(UserError, match="unknown word\\(s\\) 'fat'"):
+    modes.sample_mode(config, workdir, prompts=['a fat three'])
