@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ldm_jax import builders, models
+from ldm_jax import builders, conditioning, models
 from ldm_jax.validation import validate_config
 
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
@@ -34,8 +34,11 @@ def test_config_validates_and_builds(path):
   latents = jax.ShapeDtypeStruct((1, *builders.latent_shape(config)), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   y = jax.ShapeDtypeStruct((1,), jnp.int32)
-  unet_params = jax.eval_shape(lambda x, t, y: unet.init(jax.random.PRNGKey(0), x, t, y),
+  # A conditioned model also takes its conditioner's features.
+  cond = dict(cond=conditioning.example_batch(config)) if config.diffusion.conditioning.name else {}
+  unet_params = jax.eval_shape(lambda x, t, y: unet.init(jax.random.PRNGKey(0), x, t, y, **cond),
                                latents, t, y)
-  out = jax.eval_shape(lambda p, x, t, y: unet.apply(p, x, t, y), unet_params, latents, t, y)
+  out = jax.eval_shape(lambda p, x, t, y: unet.apply(p, x, t, y, **cond), unet_params, latents,
+                       t, y)
   assert out.shape == latents.shape
   assert models.count_params(unet_params['params']) > 0
