@@ -173,8 +173,12 @@ def state_sharding(abstract_state: Any, mesh: Mesh) -> Any:
 
 
 def gather(tree: Any, mesh: Mesh) -> Any:
-  """`tree` replicated on every device of `mesh` (an all-gather of FSDP shards)."""
-  return jax.device_put(tree, replicated(mesh))
+  """`tree` replicated on every device of `mesh` (an all-gather of FSDP shards).
+
+  One jitted program for the whole tree: every process runs the same collectives in
+  the same order (leaf-by-leaf `device_put` reshards can deadlock across processes).
+  """
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
 
 # --------------------------------------------------------- multi-process ----

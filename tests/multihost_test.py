@@ -60,15 +60,16 @@ def two_process_run(digits_data_dir, tmp_path_factory):
   return workdir, outputs
 
 
-def _as_two_processes(config, mesh, start_step):
+def _as_two_processes(config, mesh, start_step, features=None):
   """The global batches of a two-process run, assembled in one process."""
   streams = [input_pipeline.create_dataset(
       config.data, config.data.train_split, train=True, seed=config.seed,
-      start_step=start_step, process_index=i, process_count=NUM_PROCESSES).as_numpy_iterator()
+      start_step=start_step, process_index=i, process_count=NUM_PROCESSES,
+      features=features).as_numpy_iterator()
              for i in range(NUM_PROCESSES)]
   for parts in zip(*streams):
     yield sharding.global_batch(
-        {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'label')}, mesh)
+        {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, mesh)
 
 
 def _restore(workdir, stage, config, mesh):
@@ -76,6 +77,15 @@ def _restore(workdir, stage, config, mesh):
                                        read_only=True)
   setup = train.autoencoder_setup if stage == 'autoencoder' else train.diffusion_setup
   return manager.all_steps(), checkpointing.restore(manager, setup(config, mesh)[3])
+
+
+def _assert_close(path, a, b):
+  name = jax.tree_util.keystr(path)
+  if 'to_k' in name and 'bias' in name:
+    # Softmax ignores a bias added to every key, so its gradient is float rounding
+    # noise, which Adam's normalisation turns into full-size, order-dependent steps.
+    return
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_two_processes_match_one_and_their_checkpoints_restore_in_one(
@@ -95,9 +105,9 @@ def test_two_processes_match_one_and_their_checkpoints_restore_in_one(
     assert steps == [2]
     _, expected = _restore(tmp_path, stage, tiny_config, mesh)
     for field in ('params', 'ema_params', 'opt_state'):
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                   jax.device_get(getattr(written, field)),
-                   jax.device_get(getattr(expected, field)))
+      jax.tree_util.tree_map_with_path(
+          _assert_close, jax.device_get(getattr(written, field)),
+          jax.device_get(getattr(expected, field)))
   np.testing.assert_allclose(float(written.scale_factor), float(expected.scale_factor),
                              rtol=1e-5)
 
@@ -112,7 +122,8 @@ def test_only_process_0_writes_samples_logs_and_progress(two_process_run):
   assert np.load(workdir / 'samples' / 'samples_2.npz')['images'].shape == (4, 32, 32, 1)
   for stage in ('autoencoder', 'diffusion'):
     events = [f for f in os.listdir(workdir / stage / 'tensorboard') if f.startswith('events')]
-    assert len(events) == 1, events
+    # Event files are named events.out.tfevents.<time>.<host>.<pid>...: one writing process.
+    assert events and len({f.split('.')[4] for f in events}) == 1, events
 
 
 @pytest.mark.parametrize('kwargs, fragment', [
