@@ -57,10 +57,16 @@ def diffusion(setup):
       replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
       init = jax.jit(functools.partial(train.init_diffusion_state, config, unet_, tx, 0.5),
                      out_shardings=state_sharding)
-      step = jax.jit(functools.partial(train.diffusion_train_step, autoencoder=autoencoder,
-                                       unet=unet, config=config.diffusion, lr_schedule=lr),
-                     in_shardings=(state_sharding, data, replicated, replicated),
-                     out_shardings=(state_sharding, replicated))
+      encode = jax.jit(functools.partial(train.encode_batch, autoencoder=autoencoder),
+                       out_shardings=data)
+      train_step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
+                                             config=config.diffusion, lr_schedule=lr),
+                           in_shardings=(state_sharding, data, replicated),
+                           out_shardings=(state_sharding, replicated))
+
+      def step(state, batch, ae_params, schedule, encode=encode, train_step=train_step):
+        return train_step(state, encode(ae_params, batch), schedule)
+
       cache[name] = mesh, abstract, init, step
     return cache[name]
 
