@@ -28,6 +28,23 @@ def test_bench_unet32_matches_its_specification():
   assert params['time_embedding']['linear_1']['kernel'].shape == (64, 256)
 
 
+def test_model_flops_counts_matmuls_and_convolutions_exactly():
+  import jax
+  import jax.numpy as jnp
+
+  a, b = jnp.ones((64, 96)), jnp.ones((96, 40))
+  assert bench.model_flops(jnp.matmul, a, b) == 2 * 64 * 96 * 40
+  x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 12))
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  # XLA counts the kernel taps that land inside the image: along each axis of 16
+  # outputs, 3 taps each but 2 fall on the zero padding.
+  conv_flops = 2 * 2 * (16 * 3 - 2)**2 * 8 * 12
+  assert bench.model_flops(conv, x, w) == conv_flops
+  # Counted from shapes on the CPU: arrays placed on another device give the same count.
+  assert bench.model_flops(conv, jax.device_put(x, jax.devices()[-1]), w) == conv_flops
+
+
 def test_train_benchmark_prints_a_parsable_result(tiny_config, capsys):
   tiny_config.data.batch_size = 8
   result = bench.bench_train(tiny_config, sample_batch_size=8, ddim_steps=2, repeats=1,
