@@ -106,7 +106,8 @@ def model_flops(fn, *args) -> float:
   depend on the device: a GPU compiler turns convolutions into library calls that the
   compiled program's cost analysis counts as zero (34.6 of 583.6 GFLOP per image for the
   LDM-4 CelebA-HQ train step on an H100), and GPU backends give no analysis of the
-  lowered program. Only shapes and dtypes of `args` are used.
+  lowered program. Only shapes and dtypes of `args` (arrays or `jax.ShapeDtypeStruct`s)
+  are used.
   """
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
   try:
@@ -211,7 +212,8 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                           data)
   sample_shape = (sample_batch_size, *latent_shape)
   forward_flops = model_flops(lambda p, x, t, y: unet.apply({'params': p}, x, t, y), params,
-                              jnp.zeros(sample_shape), jnp.zeros((sample_batch_size,)), labels)
+                              jax.ShapeDtypeStruct(sample_shape, jnp.float32),
+                              jax.ShapeDtypeStruct((sample_batch_size,), jnp.float32), labels)
   sample_fn = jax.jit(lambda p, y, rng: sampling.sample(
       lambda x, t, y: unet.apply({'params': p}, x, t, y), schedule, sample_shape, rng,
       method='ddim', num_steps=ddim_steps, eta=0.0,
