@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, generate, models, optim, sampling, sharding, train
+from ldm_jax import builders, generate, models, optim, sampling, sharding, stages, train
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -182,7 +182,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   schedule = builders.make_schedule(config)
   latent_shape = builders.latent_shape(config)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  state = jax.jit(functools.partial(train.init_diffusion_state, config, unet, tx),
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, unet, tx),
                   out_shardings=replicated)(1.0)
   num_params = models.count_params(state.params)
   batch_size = config.data.batch_size

@@ -34,7 +34,6 @@ NAMES = ('', 'class', 'text', 'precomputed', 'concat')
 # The batch keys each conditioner reads.
 BATCH_KEYS = {'': (), 'class': ('label',), 'text': ('tokens',), 'precomputed': ('context',),
               'concat': ('cond_image',)}
-VOCABULARY_FILE = 'vocabulary.txt'
 
 Features = Callable[[Mapping, tf.Tensor], dict[str, tf.Tensor]]
 
@@ -91,10 +90,6 @@ def freeze_conditioner(tx: optax.GradientTransformation) -> optax.GradientTransf
 # ------------------------------------------------------------- vocabulary ----
 
 
-def vocabulary_path(workdir: str) -> str:
-  return os.path.join(workdir, 'diffusion', VOCABULARY_FILE)
-
-
 def _read_feature(example: Mapping, key: str):
   """example[key], where 'a/b' reads a nested feature."""
   for part in key.split('/'):
@@ -115,19 +110,18 @@ def training_captions(config: ml_collections.ConfigDict) -> list[str]:
   return captions
 
 
-def load_or_build_vocabulary(config: ml_collections.ConfigDict, workdir: str, *,
+def load_or_build_vocabulary(config: ml_collections.ConfigDict, path: str, *,
                              build: bool) -> text.Vocabulary | None:
   """The run's vocabulary (text conditioning only; None otherwise).
 
   Args:
     config: the run's config.
-    workdir: the run's directory; the vocabulary lives under it.
+    path: the vocabulary file (`stages.vocabulary_path` of the run).
     build: build it from the training captions when the file is missing (training);
       otherwise a missing file is an error (sampling).
   """
   if config.diffusion.conditioning.name != 'text':
     return None
-  path = vocabulary_path(workdir)
   if os.path.exists(path):
     return text.Vocabulary.load(path)
   if not build:

@@ -15,7 +15,7 @@ U-Net unchanged; no fine-tuning.
   inpaint_fn = jax.jit(inpaint, static_argnames=INPAINT_STATIC_ARGNAMES)
   img2img_fn = jax.jit(img2img, static_argnames=IMG2IMG_STATIC_ARGNAMES)
 
-`edit_mode(config, workdir)` is the whole `--mode=edit` run: it reads `config.edit`:
+`ldm_jax.modes.edit_mode` is the whole `--mode=edit` run: it reads `config.edit`:
   task: 'inpaint' or 'img2img'.
   input: the image to edit: PNG/JPEG, or .npz with key `images` or `image`, uint8
     [H, W, C] or [N, H, W, C] (the first is taken); data.image_size square.
@@ -34,7 +34,6 @@ WORKDIR/edits/<task>_<step>.png (input, masked input, variations) and
 <task>_<step>.npz (`images`, `input`, and for inpaint `mask`, 1 = filled; all uint8).
 Inpainted images get the input's known pixels pasted back after decoding.
 """
-import functools
 import os
 import zipfile
 from typing import Any
@@ -44,13 +43,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
-from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 
-from ldm_jax import builders, diffusion, generate, input_pipeline, sampling
-from ldm_jax import sharding, train
+from ldm_jax import diffusion, sampling
 from ldm_jax.errors import UserError
-from ldm_jax.validation import validate_config
 
 TASKS = ('inpaint', 'img2img')
 # Arguments of `inpaint` and of `img2img` that must be static under `jax.jit`.
@@ -60,7 +56,7 @@ INPAINT_STATIC_ARGNAMES = ('model_fn', 'num_steps', 'jump_length', 'jump_n_sampl
 IMG2IMG_STATIC_ARGNAMES = ('model_fn', 'strength', 'method', 'num_steps', 'prediction_type',
                            'timestep_spacing', 'ddpm_variance', 'guidance_scale')
 # Shown where the masked input's fill region is (mid-gray in [-1, 1]).
-_MASKED_VALUE = 0.0
+MASKED_VALUE = 0.0
 
 
 # ------------------------------------------------------------- inpainting ----
@@ -496,69 +492,3 @@ def edit_images(unet_params, ae_params, scale_factor: jax.Array, image: jax.Arra
   if edit_config.task == 'inpaint':
     images = jnp.where(known_pixels[None] > 0.5, image[None], images)
   return images
-
-
-def edit_mode(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
-  """Edits `config.edit.input` with the trained models of `workdir` and writes the results.
-
-  Returns:
-    The paths of the PNG grid and the .npz written under WORKDIR/edits/.
-  """
-  validate_config(config)
-  validate_edit_config(config)
-  if config.diffusion.conditioning.name:
-    raise UserError(f'--mode=edit conditions on class labels only, not on '
-                    f'config.diffusion.conditioning.name={config.diffusion.conditioning.name!r}; '
-                    f"accepted: conditioning.name=''")
-  edit = config.edit
-  image_size = config.data.image_size
-  image = load_image(edit.input, image_size, config.data.num_channels)  # [H, W, C]
-  factor = image_size // builders.latent_shape(config)[0]
-  if edit.task == 'inpaint':
-    known_pixels = load_mask(edit.mask, image_size)  # [H, W, 1]
-  else:
-    known_pixels = np.ones((image_size, image_size, 1), np.float32)
-  known_latents = latent_known_mask(known_pixels, factor)
-
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  unet, state, num_classes, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
-  if edit.class_label >= 0 and not num_classes:
-    raise UserError(f'config.edit.class_label={edit.class_label} but the model is '
-                    f'unconditional; accepted: -1')
-  if edit.class_label >= num_classes > 0:
-    raise UserError(f'config.edit.class_label={edit.class_label} is not a class of '
-                    f'{config.data.name!r}; accepted: -1 or 0..{num_classes - 1}')
-
-  num_devices = sharding.num_batch_shards(mesh)
-  batch_size = -(-edit.num_samples // num_devices) * num_devices
-  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  edit_fn = jax.jit(
-      functools.partial(edit_images, unet=unet, autoencoder=autoencoder, edit_config=edit,
-                        sample_config=config.sample,
-                        prediction_type=config.diffusion.prediction_type,
-                        batch_size=batch_size, batch_sharding=data),
-      in_shardings=(replicated,) * 8, out_shardings=data)
-  unet_params, ae_params = sharding.gather((state.ema_params, ae_params), mesh)
-  images = edit_fn(unet_params, ae_params, state.scale_factor, image, known_pixels,
-                   known_latents, jax.random.PRNGKey(config.sample.seed),
-                   builders.make_schedule(config))
-  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-  images = input_pipeline.postprocess(images[:edit.num_samples])
-
-  step = int(jax.device_get(state.step))
-  directory = os.path.join(workdir, 'edits')
-  png = os.path.join(directory, f'{edit.task}_{step}.png')
-  npz = os.path.join(directory, f'{edit.task}_{step}.npz')
-  if jax.process_index() == 0:
-    input_pixels = input_pipeline.postprocess(image)
-    arrays = {'images': images, 'input': input_pixels}
-    header = [input_pixels]
-    if edit.task == 'inpaint':
-      fill = known_pixels < 0.5
-      arrays['mask'] = fill.astype(np.uint8)  # 1 = filled, the npz mask convention.
-      header.append(input_pipeline.postprocess(np.where(fill, _MASKED_VALUE, image)))
-    tiles = np.stack(header + list(images))
-    grid = generate.make_grid(tiles, ncols=min(len(tiles), len(header) + 8))
-    generate.save_grid_and_arrays(png, npz, grid, arrays)
-    print(f'edits: {png} and {npz}')
-  return png, npz

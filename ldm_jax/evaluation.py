@@ -25,7 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import checkpointing, conditioning, generate, input_pipeline, models, optim
-from ldm_jax import sharding, superres
+from ldm_jax import sharding, stages, superres
 from ldm_jax.models import inception
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import TrainState, create_train_state
@@ -318,7 +318,7 @@ def classifier_directory(config: ml_collections.ConfigDict, workdir: str) -> str
   Runs that share `config.eval.classifier_dir` share one classifier (and its real-data
   features) per distinct dataset and classifier setting.
   """
-  root = config.eval.classifier_dir or os.path.join(workdir, 'eval', 'classifier')
+  root = config.eval.classifier_dir or os.path.join(stages.eval_dir(workdir), 'classifier')
   d = config.data
   key = {'data': [d.name, d.image_size, d.num_channels, d.train_split, d.eval_split,
                   d.image_key, d.label_key],
@@ -546,7 +546,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
   conditions = None
   if config.diffusion.conditioning.name:  # Conditioned on the eval split's examples.
-    vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=False)
+    vocabulary = conditioning.load_or_build_vocabulary(
+        config, stages.vocabulary_path(workdir), build=False)
     conditions, condition_labels = conditioning.eval_conditions(
         config, vocabulary, config.eval.num_samples)
   pixels, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
@@ -623,10 +624,6 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
   return lines
 
 
-def metrics_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, 'eval', f'metrics_{step}.json')
-
-
 def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Module,
                    state, autoencoder: nn.Module, ae_params, writer=None) -> dict:
   """`evaluate`, then print the metrics and write `WORKDIR/eval/metrics_<step>.json`.
@@ -646,7 +643,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, unet: 
                if k in ('method', 'num_steps', 'eta', 'guidance_scale', 'timestep_spacing',
                         'ddpm_variance', 'seed')}}
   if jax.process_index() == 0:
-    path = metrics_path(workdir, step)
+    path = stages.metrics_path(workdir, step)
     _write_json(path, record)
     print(f'eval at step {step} ({config.eval.num_samples} samples vs the '
           f'{config.data.train_split} split; real vs real: {config.data.eval_split} vs '

@@ -1,7 +1,6 @@
 """From noise to images: the jitted sample-and-decode function and image outputs."""
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,9 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from ldm_jax import builders, diffusion, input_pipeline, sampling, sharding
+from ldm_jax import images as image_io
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
 
@@ -140,34 +139,4 @@ class Sampler:
       ncols = -(-len(images) // self.num_classes)
     else:
       ncols = math.ceil(math.sqrt(len(images)))
-    return make_grid(images, ncols=min(ncols, len(images)))
-
-
-def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
-  """Tiles uint8 [N, H, W, C] images into one [rows*(H+pad)+pad, ..., C] image."""
-  n, h, w, c = images.shape
-  nrows = -(-n // ncols)
-  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-         pad + col * (w + pad):pad + col * (w + pad) + w] = image
-  return grid
-
-
-def write_samples(directory: str, step: int, grid: np.ndarray, images: np.ndarray,
-                  labels: np.ndarray | None) -> tuple[str, str]:
-  """Writes `grid_<step>.png` and `samples_<step>.npz` (`images`, and `labels` if any)."""
-  png = os.path.join(directory, f'grid_{step}.png')
-  npz = os.path.join(directory, f'samples_{step}.npz')
-  arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
-  save_grid_and_arrays(png, npz, grid, arrays)
-  return png, npz
-
-
-def save_grid_and_arrays(png: str, npz: str, grid: np.ndarray,
-                         arrays: dict[str, np.ndarray]) -> None:
-  """Writes a uint8 grid [H, W, C] as PNG and `arrays` as a compressed npz."""
-  os.makedirs(os.path.dirname(png), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
-  np.savez_compressed(npz, **arrays)
+    return image_io.make_grid(images, ncols=min(ncols, len(images)))

@@ -32,20 +32,15 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
-from ldm_jax import input_pipeline, sharding
+from ldm_jax import input_pipeline, sharding, stages
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
 
-CACHE_DIR = 'latents'
 _FINGERPRINT_FILE = 'fingerprint.json'
 _FORMAT_VERSION = 1
 # The `config.data` fields that change the images the encoder sees.
 _PREPROCESSING_FIELDS = ('image_size', 'num_channels', 'random_flip', 'image_key', 'label_key')
-
-
-def cache_dir(workdir: str) -> str:
-  return os.path.join(workdir, CACHE_DIR)
 
 
 def params_sha256(params) -> str:
@@ -221,7 +216,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder: nn
   Returns:
     The cache directory.
   """
-  directory = cache_dir(workdir)
+  directory = stages.latents_dir(workdir)
   os.makedirs(directory, exist_ok=True)
   expected, layout = fingerprint(config, ae_params), _layout(config)
   action, reason = _plan(directory, expected, layout)

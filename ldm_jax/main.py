@@ -11,14 +11,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import editing, eval_mode, modes, preemption, sharding
+from ldm_jax import modes, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Checkpoints, summaries and samples. Re-running resumes.')
-flags.DEFINE_enum('mode', 'train',
-                  ['train', 'train_autoencoder', 'sample', 'eval', 'edit', 'encode',
-                   'merge_lora'],
+flags.DEFINE_enum('mode', 'train', list(modes.MODES),
                   'train: stage 1, stage 2, then samples. train_autoencoder: stage 1 only. '
                   'sample: samples from the latest checkpoint. eval: sample and reconstruction '
                   'metrics of the latest checkpoint. edit: inpainting or img2img of '
@@ -28,25 +26,14 @@ flags.DEFINE_enum('mode', 'train',
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
-                          'text-conditioned config, one grid row each; may be repeated.')
+                          'text-conditioned config, one grid row each; may be repeated. '
+                          '--mode=edit takes one, the text the edit is conditioned on.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 of a multi-process '
                     'run started by hand (TPU pods and SLURM are detected without flags).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
-
-MODES = {
-    'train': modes.train_mode,
-    'train_autoencoder': modes.train_autoencoder_mode,
-    'sample': lambda config, workdir: modes.sample_mode(config, workdir, FLAGS.num_samples,
-                                                        FLAGS.prompt),
-    'edit': editing.edit_mode,
-    'eval': eval_mode.eval_mode,
-    'merge_lora': modes.merge_lora_mode,
-    'encode': modes.encode_mode,
-}
-
 
 def _one_line(e: BaseException) -> str:
   lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -101,7 +88,9 @@ def main(argv: list[str]) -> None:
                                     FLAGS.process_id)
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
-    MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir,
+              modes.Options(num_samples=FLAGS.num_samples,
+                            prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None))
   except UserError as e:
     sys.exit(f'error: {_one_line(e)}')
   except preemption.Preempted as e:

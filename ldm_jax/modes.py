@@ -1,134 +1,288 @@
-"""What `--mode` runs: each mode is one function of (config, workdir)."""
+"""What `--mode` runs: every mode is one function of (config, workdir, mesh, options).
+
+`run` is the one way in: it validates the config (and the mode's own section),
+builds the mesh once, and calls the mode, which receives both ready. Modes restore
+what they need through `ldm_jax.stages`; the training modes hand the trainer its
+in-training hooks (samples, evaluations), so that `ldm_jax.train` knows only steps
+and the loop.
+"""
+import dataclasses
+import functools
 import os
+from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, generate, input_pipeline, latent_cache, preemption
-from ldm_jax import pretrained, sharding, train
+from ldm_jax import builders, conditioning, editing, evaluation, generate, input_pipeline
+from ldm_jax import images as image_io
+from ldm_jax import latent_cache, preemption, pretrained, sharding, stages, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
 
-def _prepare_workdir(workdir: str) -> None:
-  """Creates `workdir` or stops with one line when it cannot be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Command-line values a mode may use besides the config.
+
+  Attributes:
+    num_samples: samples to write in --mode=sample (None: config.sample.num_samples).
+    prompts: text prompts for sample and edit with a text-conditioned model.
+  """
+  num_samples: int | None = None
+  prompts: tuple[str, ...] | None = None
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+Mode = Callable[[ml_collections.ConfigDict, str, object, Options], object]
 
 
-def _sample_conditions(config, workdir, num_samples: int, prompts: list[str] | None = None):
+# --------------------------------------------------------------- helpers ----
+
+
+def _sample_conditions(config, workdir, num_samples: int, prompts=None):
   """(conditions, grid columns) of the samples; see `conditioning.sample_conditions`."""
-  vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=False)
-  return conditioning.sample_conditions(config, vocabulary, num_samples, prompts)
+  vocabulary = conditioning.load_or_build_vocabulary(
+      config, stages.vocabulary_path(workdir), build=False)
+  return conditioning.sample_conditions(config, vocabulary, num_samples,
+                                        list(prompts) if prompts else None)
 
 
-def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                   num_samples: int, writer=None, conditions=None, ncols=None) -> None:
+def _write_samples(config, workdir, mesh, trained: stages.Trained, num_samples: int,
+                   writer=None, conditions=None, ncols=None) -> None:
   if conditions is None:
     conditions, ncols = _sample_conditions(config, workdir, num_samples)
-  sampler = generate.Sampler(config, mesh, unet, autoencoder)
-  images, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+  sampler = generate.Sampler(config, mesh, trained.denoiser, trained.autoencoder)
+  state = trained.state
+  images, labels = sampler.generate(state.ema_params, trained.ae_params, state.scale_factor,
                                     num_samples=num_samples, conditions=conditions)
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    grid = generate.make_grid(images, ncols) if ncols else sampler.grid(images)
-    png, npz = generate.write_samples(os.path.join(workdir, 'samples'), step, grid,
-                                      images, labels)
+    grid = image_io.make_grid(images, ncols) if ncols else sampler.grid(images)
+    png, npz = image_io.write_samples(stages.samples_dir(workdir), step, grid, images, labels)
     print(f'samples: {png} and {npz}')
     if writer is not None:
       writer.image('diffusion/samples', grid, step)
       writer.flush()
 
 
-def _start_training(config: ml_collections.ConfigDict, workdir: str):
-  """Checks config, dataset and workdir before any training; returns the mesh."""
-  validate_config(config)
+def training_hooks(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder,
+                   ae_params) -> train.MakeHooks:
+  """Stage 2's in-training hooks: a sample grid every `train.image_every` steps (and at
+  the end), `evaluation.run_evaluation` every `train.eval_every` steps."""
+
+  def make_hooks(denoiser, writer):
+    sampler = generate.Sampler(config, mesh, denoiser, autoencoder)
+    vocabulary = conditioning.load_or_build_vocabulary(
+        config, stages.vocabulary_path(workdir), build=True)
+    conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
+
+    def on_images(state):
+      images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+                                   num_samples=sampler.batch_size, conditions=conditions)
+      if writer is not None:
+        writer.image('diffusion/samples', sampler.grid(images), int(state.step))
+        writer.flush()
+
+    def on_eval(state):
+      evaluation.run_evaluation(config, workdir, mesh, denoiser, state, autoencoder, ae_params,
+                                writer)
+
+    return (on_images if config.train.image_every else None,
+            on_eval if config.train.eval_every else None)
+
+  return make_hooks
+
+
+def _prepare_training(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks the dataset and the workdir before any training; saves the config."""
   if jax.process_index() == 0:  # Prepares a dataset once, not in every process at once.
     input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   multihost_utils.sync_global_devices('dataset prepared')
   input_pipeline.dataset_info(config.data)
-  _prepare_workdir(workdir)
-  _save_config(config, workdir)
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
-               jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
-  return mesh
+  stages.prepare_workdir(workdir)
+  stages.save_config(config, workdir)
 
 
-def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+# ----------------------------------------------------------------- modes ----
+
+
+def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
+                           options: Options) -> None:
   """Stage 1 only, e.g. one first stage shared by many runs through autoencoder.workdir."""
-  mesh = _start_training(config, workdir)
+  del options
+  _prepare_training(config, workdir)
   with preemption.handle_sigterm():
     train.train_autoencoder(config, workdir, mesh)
 
 
-def train_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> None:
   """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
-  mesh = _start_training(config, workdir)
+  del options
+  _prepare_training(config, workdir)
   with preemption.handle_sigterm():
     autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
-    unet, state = train.train_diffusion(config, workdir, mesh, autoencoder, ae_params)
-  writer = train.summary_writer(os.path.join(workdir, 'diffusion', 'tensorboard'))
-  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
+    denoiser, state = train.train_diffusion(
+        config, workdir, mesh, autoencoder, ae_params,
+        make_hooks=training_hooks(config, workdir, mesh, autoencoder, ae_params))
+  writer = stages.summary_writer(workdir, 'diffusion')
+  _write_samples(config, workdir, mesh, stages.Trained(denoiser, state, autoencoder, ae_params),
                  config.sample.num_samples, writer)
 
 
-def encode_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+def encode_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> None:
   """Encodes the train split with the trained autoencoder into WORKDIR/latents."""
-  validate_config(config)
+  del options
   input_pipeline.dataset_info(config.data)
-  _prepare_workdir(workdir)
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  autoencoder, ae_params = train.restore_autoencoder(config, workdir, mesh)
+  stages.prepare_workdir(workdir)
+  autoencoder, ae_params = stages.restore_autoencoder(config, workdir, mesh)
   directory = latent_cache.build(config, workdir, mesh, autoencoder, ae_params)
   if jax.process_index() == 0:
     print(f'latents: {directory}')
 
 
-def sample_mode(config: ml_collections.ConfigDict, workdir: str,
-                num_samples: int | None = None, prompts: list[str] | None = None) -> None:
+def sample_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> None:
   """Loads the latest diffusion checkpoint (EMA params) and writes samples.
 
-  A text-conditioned model samples one grid row per prompt when `prompts` are given.
+  A text-conditioned model samples one grid row per prompt when `options.prompts`
+  are given.
   """
-  validate_config(config)
-  num_samples = num_samples or config.sample.num_samples
+  num_samples = options.num_samples or config.sample.num_samples
   # Before restoring: a bad prompt stops at once.
-  conditions, ncols = _sample_conditions(config, workdir, num_samples, prompts)
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
-  _prepare_workdir(workdir)
-  _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_samples,
-                 conditions=conditions, ncols=ncols)
+  conditions, ncols = _sample_conditions(config, workdir, num_samples, options.prompts)
+  trained = stages.restore_trained(config, workdir, mesh)
+  stages.prepare_workdir(workdir)
+  _write_samples(config, workdir, mesh, trained, num_samples, conditions=conditions,
+                 ncols=ncols)
 
 
-def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+def eval_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> dict:
+  """Restores the latest stage-2 checkpoint (EMA params) and runs `evaluation.run_evaluation`.
+
+  Writes `WORKDIR/eval/metrics_<step>.json` and `eval/<name>` scalars in
+  `WORKDIR/diffusion/tensorboard`; returns the record written.
+  """
+  del options
+  trained = stages.restore_trained(config, workdir, mesh)
+  writer = stages.summary_writer(workdir, 'diffusion')
+  return evaluation.run_evaluation(config, workdir, mesh, trained.denoiser, trained.state,
+                                   trained.autoencoder, trained.ae_params, writer)
+
+
+def _check_merge_lora(config: ml_collections.ConfigDict) -> None:
+  if not config.diffusion.lora.rank:
+    raise UserError('--mode=merge_lora needs the LoRA run\'s config; accepted: '
+                    'config.diffusion.lora.rank > 0 with its config.diffusion.init_from')
+
+
+def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
+                    options: Options) -> None:
   """Merges the latest LoRA adapters (EMA) into their base; writes a diffusers folder.
 
   The folder, WORKDIR/merged_unet, loads with `pretrained.load_unet`, as
   `config.diffusion.init_from` of another run, or in diffusers as a `UNet2DModel`.
   """
-  validate_config(config)
-  if not config.diffusion.lora.rank:
-    raise UserError('--mode=merge_lora needs the LoRA run\'s config; accepted: '
-                    'config.diffusion.lora.rank > 0 with its config.diffusion.init_from')
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  unet, state, _, _, _ = train.restore_trained(config, workdir, mesh)
+  del options
+  trained = stages.restore_trained(config, workdir, mesh)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'merged_unet')
-    pretrained.save_unet(unet, jax.device_get(state.ema_params), path)
-    print(f'merged U-Net (step {int(jax.device_get(state.step))}): {path}')
+    path = stages.merged_dir(workdir)
+    pretrained.save_unet(trained.denoiser, jax.device_get(trained.state.ema_params), path)
+    print(f'merged U-Net (step {int(jax.device_get(trained.state.step))}): {path}')
+
+
+def edit_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
+              options: Options) -> tuple[str, str]:
+  """Edits `config.edit.input` with the trained models of `workdir` (see `ldm_jax.editing`).
+
+  Returns:
+    The paths of the PNG grid and the .npz written under WORKDIR/edits/.
+  """
+  del options
+  if config.diffusion.conditioning.name:
+    raise UserError(f'--mode=edit conditions on class labels only, not on '
+                    f'config.diffusion.conditioning.name={config.diffusion.conditioning.name!r}; '
+                    f"accepted: conditioning.name=''")
+  edit = config.edit
+  image_size = config.data.image_size
+  image = editing.load_image(edit.input, image_size, config.data.num_channels)  # [H, W, C]
+  factor = image_size // builders.latent_shape(config)[0]
+  if edit.task == 'inpaint':
+    known_pixels = editing.load_mask(edit.mask, image_size)  # [H, W, 1]
+  else:
+    known_pixels = np.ones((image_size, image_size, 1), np.float32)
+  known_latents = editing.latent_known_mask(known_pixels, factor)
+
+  denoiser, state, autoencoder, ae_params = stages.restore_trained(config, workdir, mesh)
+  num_classes = denoiser.num_classes
+  if edit.class_label >= 0 and not num_classes:
+    raise UserError(f'config.edit.class_label={edit.class_label} but the model is '
+                    f'unconditional; accepted: -1')
+  if edit.class_label >= num_classes > 0:
+    raise UserError(f'config.edit.class_label={edit.class_label} is not a class of '
+                    f'{config.data.name!r}; accepted: -1 or 0..{num_classes - 1}')
+
+  num_devices = sharding.num_batch_shards(mesh)
+  batch_size = -(-edit.num_samples // num_devices) * num_devices
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  edit_fn = jax.jit(
+      functools.partial(editing.edit_images, unet=denoiser, autoencoder=autoencoder,
+                        edit_config=edit, sample_config=config.sample,
+                        prediction_type=config.diffusion.prediction_type,
+                        batch_size=batch_size, batch_sharding=data),
+      in_shardings=(replicated,) * 8, out_shardings=data)
+  denoiser_params, ae_params = sharding.gather((state.ema_params, ae_params), mesh)
+  images = edit_fn(denoiser_params, ae_params, state.scale_factor, image, known_pixels,
+                   known_latents, jax.random.PRNGKey(config.sample.seed),
+                   builders.make_schedule(config))
+  images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+  images = input_pipeline.postprocess(images[:edit.num_samples])
+
+  step = int(jax.device_get(state.step))
+  directory = stages.edits_dir(workdir)
+  png = os.path.join(directory, f'{edit.task}_{step}.png')
+  npz = os.path.join(directory, f'{edit.task}_{step}.npz')
+  if jax.process_index() == 0:
+    input_pixels = input_pipeline.postprocess(image)
+    arrays = {'images': images, 'input': input_pixels}
+    header = [input_pixels]
+    if edit.task == 'inpaint':
+      fill = known_pixels < 0.5
+      arrays['mask'] = fill.astype(np.uint8)  # 1 = filled, the npz mask convention.
+      header.append(input_pipeline.postprocess(np.where(fill, editing.MASKED_VALUE, image)))
+    tiles = np.stack(header + list(images))
+    grid = image_io.make_grid(tiles, ncols=min(len(tiles), len(header) + 8))
+    image_io.save_grid_and_arrays(png, npz, grid, arrays)
+    print(f'edits: {png} and {npz}')
+  return png, npz
+
+
+MODES: dict[str, Mode] = {
+    'train': train_mode,
+    'train_autoencoder': train_autoencoder_mode,
+    'sample': sample_mode,
+    'eval': eval_mode,
+    'edit': edit_mode,
+    'encode': encode_mode,
+    'merge_lora': merge_lora_mode,
+}
+# Checks of a mode's own config section, run with `validate_config` before any work.
+_MODE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    'edit': editing.validate_edit_config,
+    'merge_lora': _check_merge_lora,
+}
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
+        options: Options = Options()):
+  """Validates `config` for `mode`, builds the mesh, and runs the mode; returns its result."""
+  if mode not in MODES:
+    raise UserError(f'unknown mode {mode!r}; accepted: {", ".join(MODES)}')
+  validate_config(config)
+  if mode in _MODE_CHECKS:
+    _MODE_CHECKS[mode](config)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+  logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
+  return MODES[mode](config, workdir, mesh, options)

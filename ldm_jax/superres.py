@@ -13,7 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax import conditioning, generate, input_pipeline
+from ldm_jax import conditioning, generate, input_pipeline, stages
+from ldm_jax import images as image_io
 
 GRID_ROWS = 8
 
@@ -40,8 +41,8 @@ def superres_outputs(config: ml_collections.ConfigDict, workdir: str,
     rows = np.stack([outputs[k][:GRID_ROWS] for k in ('bicubic', 'superres', 'originals')],
                     axis=1)  # [rows, 3, H, W, C]
     step = int(jax.device_get(state.step))
-    generate.save_grid_and_arrays(
-        os.path.join(workdir, 'samples', f'superres_{step}.png'),
-        os.path.join(workdir, 'samples', f'superres_{step}.npz'),
-        generate.make_grid(rows.reshape(-1, *rows.shape[2:]), ncols=3), outputs)
+    image_io.save_grid_and_arrays(
+        os.path.join(stages.samples_dir(workdir), f'superres_{step}.png'),
+        os.path.join(stages.samples_dir(workdir), f'superres_{step}.npz'),
+        image_io.make_grid(rows.reshape(-1, *rows.shape[2:]), ncols=3), outputs)
   return outputs

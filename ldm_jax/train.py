@@ -1,13 +1,13 @@
 """The two training stages: jitted train steps and the loop with periodic actions.
 
 Stage 1 (`autoencoder`) learns the KL autoencoder on images; stage 2 (`diffusion`)
-learns a U-Net that denoises latents of the frozen stage-1 encoder. Both stages
-share one loop (`_run_stage`): progress bar, TensorBoard, NaN check, checkpoints.
-Rerunning the same command resumes each stage from its latest checkpoint and skips
-a finished one.
+learns a denoiser of latents of the frozen stage-1 encoder. Both stages share one
+loop (`_run_stage`): progress bar, TensorBoard, NaN check, checkpoints. Rerunning
+the same command resumes each stage from its latest checkpoint and skips a finished
+one. Setup, state init, restore and the workdir layout are `ldm_jax.stages`'; what
+happens besides training (samples, evaluations) comes in as hooks from the mode.
 """
 import functools
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,50 +19,25 @@ import optax
 import tqdm
 from absl import logging
 from flax import linen as nn
-from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, checkpointing, conditioning, diffusion, evaluation, finetune
-from ldm_jax import generate
-from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, preemption
-from ldm_jax import pretrained, sharding
+from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, grad_accum
+from ldm_jax import images as image_io
+from ldm_jax import input_pipeline, latent_cache, losses, pretrained, preemption, sharding
+from ldm_jax import stages
 from ldm_jax.errors import UserError
-from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
+from ldm_jax.train_state import DiffusionTrainState, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-# ---------------------------------------------------------------- models ----
-
-
-def init_autoencoder_state(config: ml_collections.ConfigDict, model: nn.Module,
-                           tx: optax.GradientTransformation) -> TrainState:
-  rng_params, rng_state = jax.random.split(jax.random.PRNGKey(config.seed))
-  size, channels = config.data.image_size, config.data.num_channels
-  params = model.init(rng_params, jnp.zeros((1, size, size, channels)))['params']
-  return create_train_state(params, tx, rng_state)
-
-
-def init_diffusion_state(config: ml_collections.ConfigDict, model: nn.Module,
-                         tx: optax.GradientTransformation,
-                         scale_factor: float | jax.Array,
-                         params=None) -> DiffusionTrainState:
-  """A fresh stage-2 state from `params` (pretrained U-Net weights) or a random init."""
-  # A different stream than stage 1, still determined by config.seed.
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  rng_params, rng_state = jax.random.split(rng)
-  if params is None:
-    x = jnp.zeros((1, *builders.latent_shape(config)))
-    t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32)
-    cond = {}
-    if config.diffusion.conditioning.name:
-      cond = dict(cond=conditioning.example_batch(config))
-    params = model.init(rng_params, x, t, y, **cond)['params']
-  params = finetune.trainable_params(config, rng_params, params)
-  return create_train_state(params, tx, rng_state, DiffusionTrainState,
-                            scale_factor=jnp.asarray(scale_factor, jnp.float32))
+# A hook of stage 2: called with the stage-2 state (full denoiser params, with LoRA
+# merged) at `train.image_every` / `train.eval_every` steps, on every process.
+StateHook = Callable[[DiffusionTrainState], None]
+# Builds stage 2's (on_images, on_eval) hooks from the denoiser and the stage's
+# TensorBoard writer (None outside process 0); either hook may be None.
+MakeHooks = Callable[[nn.Module, object], tuple[StateHook | None, StateHook | None]]
 
 
 # ----------------------------------------------------------- train steps ----
@@ -164,10 +139,6 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch,
 # ------------------------------------------------------------------ loop ----
 
 
-def _stage_dirs(workdir: str, stage: str) -> tuple[str, str]:
-  return os.path.join(workdir, stage, 'checkpoints'), os.path.join(workdir, stage, 'tensorboard')
-
-
 def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
                    features: conditioning.Features | None = None) -> Iterator[Batch]:
   # The data order is a function of (seed, step): a resumed run sees exactly the
@@ -234,88 +205,22 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
   return state
 
 
-def summary_writer(log_dir: str):
-  if jax.process_index() == 0:
-    return tensorboard.SummaryWriter(log_dir)
-  return None
-
-
-def _start_stage(stage: str, manager, init: Callable[[], TrainState], abstract,
-                 num_train_steps: int) -> tuple[TrainState, bool]:
-  """The state to train from (restored or new), and whether the stage is already done."""
-  state, restored = checkpointing.restore_or_init(manager, init, abstract)
-  logging.info('%s: %s parameters', stage, f'{models.count_params(state.params):,}')
-  step = int(jax.device_get(state.step))
-  if restored:
-    logging.info('%s: resumed from step %d', stage, step)
-  finished = step >= num_train_steps
-  if finished:
-    logging.info('%s: finished (step %d); skipping', stage, step)
-  return state, finished
-
-
 # ------------------------------------------------------------- stage 1 -----
-
-
-def autoencoder_checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Stage-1 checkpoints: this run's, or those of `config.autoencoder.workdir`."""
-  if config.autoencoder.workdir:
-    directory = _stage_dirs(config.autoencoder.workdir, 'autoencoder')[0]
-    if not os.path.isdir(directory):
-      raise UserError(f'config.autoencoder.workdir={config.autoencoder.workdir!r} has no '
-                      f'autoencoder checkpoints ({directory} not found)')
-    return directory
-  return _stage_dirs(workdir, 'autoencoder')[0]
-
-
-def autoencoder_setup(config: ml_collections.ConfigDict, mesh):
-  """(model, optimizer, lr schedule, abstract state) of stage 1."""
-  model = builders.build_autoencoder(config)
-  tx, lr_schedule = optim.make_optimizer(config.autoencoder.optim,
-                                         config.autoencoder.num_train_steps)
-  abstract = _sharded_abstract_state(
-      functools.partial(init_autoencoder_state, config, model, tx), mesh)
-  return model, tx, lr_schedule, abstract
-
-
-def _sharded_abstract_state(init: Callable[[], TrainState], mesh):
-  """Shapes of `init()`'s state with the layout `sharding.state_sharding` gives it."""
-  shapes = jax.eval_shape(init)
-  return checkpointing.abstract_like(shapes, sharding.state_sharding(shapes, mesh))
-
-
-def _shardings(tree):
-  return jax.tree.map(lambda x: x.sharding, tree)
-
-
-def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """(model, params) of the trained stage 1, EMA params (== raw params when decay is 0)."""
-  if config.autoencoder.pretrained:
-    logging.info('autoencoder: pretrained %s', config.autoencoder.pretrained)
-    _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)
-    return builders.build_autoencoder(config), jax.device_put(params, sharding.replicated(mesh))
-  model, _, _, abstract = autoencoder_setup(config, mesh)
-  manager = checkpointing.make_manager(autoencoder_checkpoint_dir(config, workdir),
-                                       keep=config.train.keep_checkpoints, read_only=True)
-  if manager.latest_step() is None:
-    raise UserError(f'no autoencoder checkpoint in {manager.directory}; '
-                    f'run --mode=train first')
-  return model, checkpointing.restore(manager, abstract).ema_params
 
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   """Trains (or resumes, or skips when finished) stage 1; returns (model, params)."""
   if config.autoencoder.workdir or config.autoencoder.pretrained:
     logging.info('autoencoder: using %s', config.autoencoder.workdir or config.autoencoder.pretrained)
-    return restore_autoencoder(config, workdir, mesh)
-  ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
-  model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
-  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
-  state_sharding = _shardings(abstract)
-  init = jax.jit(functools.partial(init_autoencoder_state, config, model, tx),
+    return stages.restore_autoencoder(config, workdir, mesh)
+  model, tx, lr_schedule, abstract = stages.autoencoder_setup(config, mesh)
+  manager = checkpointing.make_manager(stages.checkpoint_dir(workdir, 'autoencoder'),
+                                       keep=config.train.keep_checkpoints)
+  state_sharding = stages.shardings(abstract)
+  init = jax.jit(functools.partial(stages.init_autoencoder_state, config, model, tx),
                  out_shardings=state_sharding)
   num_steps = config.autoencoder.num_train_steps
-  state, finished = _start_stage('autoencoder', manager, init, abstract, num_steps)
+  state, finished = stages.start('autoencoder', manager, init, abstract, num_steps)
   if finished:
     return model, state.ema_params
 
@@ -326,7 +231,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
                         lr_schedule=lr_schedule),
       in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
-  writer = summary_writer(log_dir)
+  writer = stages.summary_writer(workdir, 'autoencoder')
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
                         in_shardings=(state_sharding.ema_params, data), out_shardings=data)
@@ -338,7 +243,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
         for x in (images, reconstruct(state.ema_params, images)))
     if writer is not None:
       pairs = input_pipeline.postprocess(np.concatenate([originals, reconstructions]))
-      writer.image('autoencoder/reconstructions', generate.make_grid(pairs, ncols=8),
+      writer.image('autoencoder/reconstructions', image_io.make_grid(pairs, ncols=8),
                    int(state.step))
 
   state = _run_stage('autoencoder', state, step_fn, _train_batches(config, mesh, int(state.step)),
@@ -376,18 +281,6 @@ def reconstruction_psnr(reconstruct: Callable, params, batches: list[Batch]) -> 
 # ------------------------------------------------------------- stage 2 -----
 
 
-def diffusion_setup(config: ml_collections.ConfigDict, mesh):
-  """(U-Net, optimizer, lr schedule, abstract state, num_classes) of stage 2."""
-  num_classes = builders.num_classes(config)
-  unet = builders.build_unet(config, num_classes)
-  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  if config.diffusion.conditioning.name and config.diffusion.conditioning.frozen:
-    tx = conditioning.freeze_conditioner(tx)
-  abstract = _sharded_abstract_state(
-      functools.partial(init_diffusion_state, config, unet, tx, 1.0), mesh)
-  return unet, tx, lr_schedule, abstract, num_classes
-
-
 class EncodedLatents:
   """Stage-2 batches encoded from image batches on the fly (no latent cache)."""
 
@@ -396,7 +289,7 @@ class EncodedLatents:
     self._config, self._mesh, self._ae_params = config, mesh, ae_params
     self._features = features
     self._encode = jax.jit(functools.partial(encode_batch, autoencoder=autoencoder),
-                           in_shardings=(_shardings(ae_params), sharding.data_sharding(mesh)),
+                           in_shardings=(stages.shardings(ae_params), sharding.data_sharding(mesh)),
                            out_shardings=sharding.data_sharding(mesh))
 
   def scale_factor(self) -> float:
@@ -444,19 +337,29 @@ def initial_scale_factor(config: ml_collections.ConfigDict, latents) -> float:
 
 
 def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
-                    autoencoder: nn.Module, ae_params) -> tuple[nn.Module, DiffusionTrainState]:
+                    autoencoder: nn.Module, ae_params, *,
+                    make_hooks: MakeHooks | None = None) -> tuple[nn.Module, DiffusionTrainState]:
   """Trains (or resumes, or skips when finished) stage 2.
 
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+    mesh: the device mesh.
+    autoencoder, ae_params: the trained stage 1.
+    make_hooks: builds the (on_images, on_eval) hooks of the loop, e.g. sampling
+      and evaluation (see `ldm_jax.modes`); None = neither.
+
   Returns:
-    (U-Net, state); with LoRA the state's params are merged into full U-Net params.
+    (denoiser, state); with LoRA the state's params are merged into full denoiser params.
   """
-  ckpt_dir, log_dir = _stage_dirs(workdir, 'diffusion')
-  unet, tx, lr_schedule, abstract, _ = diffusion_setup(config, mesh)
+  ckpt_dir = stages.checkpoint_dir(workdir, 'diffusion')
+  denoiser, tx, lr_schedule, abstract = stages.diffusion_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   sharding.check_batch_size(config.data.batch_size, mesh)
   sharding.check_batch_size(config.data.batch_size // config.diffusion.grad_accum_steps, mesh,
                             'data.batch_size / diffusion.grad_accum_steps')
-  vocabulary = conditioning.load_or_build_vocabulary(config, workdir, build=True)
+  vocabulary = conditioning.load_or_build_vocabulary(
+      config, stages.vocabulary_path(workdir), build=True)
   features = conditioning.pipeline_features(config, vocabulary, train=True)
   # Built on first use: a finished stage needs neither the cache nor the encoder.
   latents = functools.cache(
@@ -464,66 +367,33 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
       if config.diffusion.cache_latents
       else EncodedLatents(config, mesh, autoencoder, ae_params, features))
   base = finetune.base_params(config, ckpt_dir, mesh, create=True)  # None without LoRA.
-  state_sharding = _shardings(abstract)
+  state_sharding = stages.shardings(abstract)
 
   def init():
     scale = initial_scale_factor(config, latents())
     logging.info('diffusion: scale_factor %.5f', scale)
-    init_fn = functools.partial(init_diffusion_state, config, unet, tx)
+    init_fn = functools.partial(stages.init_diffusion_state, config, denoiser, tx)
     return jax.jit(init_fn, out_shardings=state_sharding)(
         scale, finetune.start_params(config, base))
 
   num_steps = config.diffusion.num_train_steps
-  state, finished = _start_stage('diffusion', manager, init, abstract, num_steps)
+  state, finished = stages.start('diffusion', manager, init, abstract, num_steps)
   if finished:
-    return unet, finetune.with_full_params(config, state, base)
+    return denoiser, finetune.with_full_params(config, state, base)
 
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
       finetune.with_base(config, functools.partial(
-          diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), unet),
+          diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), denoiser),
       in_shardings=(state_sharding, data, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
-  writer = summary_writer(log_dir)
-  sampler = generate.Sampler(config, mesh, unet, autoencoder)
-  conditions = None
-  if config.train.image_every and config.diffusion.conditioning.name:
-    conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
-
-  def on_images(state):
-    images, _ = sampler.generate(finetune.full_params(config, state.ema_params, base),
-                                 ae_params, state.scale_factor,
-                                 num_samples=sampler.batch_size, conditions=conditions)
-    if writer is not None:
-      writer.image('diffusion/samples', sampler.grid(images), int(state.step))
-      writer.flush()
-
-  def on_eval(state):
-    evaluation.run_evaluation(config, workdir, mesh, unet,
-                              finetune.with_full_params(config, state, base),
-                              autoencoder, ae_params, writer)
-
+  writer = stages.summary_writer(workdir, 'diffusion')
+  on_images, on_eval = make_hooks(denoiser, writer) if make_hooks else (None, None)
+  with_full = lambda hook: hook and (
+      lambda state: hook(finetune.with_full_params(config, state, base)))
   state = _run_stage('diffusion', state, lambda s, b: step_fn(s, b, schedule, base),
                      latents().batches(int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
-                     on_images=on_images if config.train.image_every else None,
-                     on_eval=on_eval)
-  return unet, finetune.with_full_params(config, state, base)
-
-
-def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """(U-Net, latest diffusion state, num_classes, autoencoder, its params) of a run."""
-  ckpt_dir = _stage_dirs(workdir, 'diffusion')[0]
-  if not os.path.isdir(ckpt_dir):
-    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
-  unet, _, _, abstract, num_classes = diffusion_setup(config, mesh)
-  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
-                                       read_only=True)
-  if manager.latest_step() is None:
-    raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
-  state = checkpointing.restore(manager, abstract)
-  base = finetune.base_params(config, ckpt_dir, mesh, create=False)
-  state = finetune.with_full_params(config, state, base)
-  autoencoder, ae_params = restore_autoencoder(config, workdir, mesh)
-  return unet, state, num_classes, autoencoder, ae_params
+                     on_images=with_full(on_images), on_eval=with_full(on_eval))
+  return denoiser, finetune.with_full_params(config, state, base)

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import coco_text2img, digits_superres, digits_text, imagenet_sr4x
-from ldm_jax import builders, conditioning, editing, generate, input_pipeline, optim, sampling
+from ldm_jax import builders, conditioning, generate, input_pipeline, optim, sampling
+from ldm_jax import stages
 from ldm_jax import modes, sharding, superres, text, train
 from ldm_jax.datasets import digits_captions
 from ldm_jax.errors import UserError
@@ -303,7 +304,7 @@ def test_frozen_conditioner_gets_no_update():
 def test_each_conditioner_trains(setups, name):
   config, model, autoencoder, ae_params, _, batch = setups[name]
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  state = jax.jit(functools.partial(train.init_diffusion_state, config, model, tx))(1.0)
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, model, tx))(1.0)
   step = jax.jit(functools.partial(
       train.diffusion_train_step, unet=model, config=config.diffusion, lr_schedule=lr_schedule))
   schedule = builders.make_schedule(config)
@@ -385,7 +386,7 @@ def test_edit_mode_refuses_a_conditioner(tmp_path):
   config.edit.update(task='img2img', input=str(tmp_path / 'image.png'))
   with pytest.raises(UserError, match="--mode=edit conditions on class labels only, not on "
                                       "config.diffusion.conditioning.name='concat'"):
-    editing.edit_mode(config, str(tmp_path))
+    modes.run('edit', config, str(tmp_path))
 
 
 def test_superres_outputs_cover_the_eval_split(setups, tmp_path):
@@ -393,7 +394,7 @@ def test_superres_outputs_cover_the_eval_split(setups, tmp_path):
   config = config.copy_and_resolve_references()
   config.sample.update(num_steps=2, batch_size=99)
   tx, _ = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  state = jax.jit(functools.partial(train.init_diffusion_state, config, model, tx))(1.0)
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, model, tx))(1.0)
   sampler = generate.Sampler(config, sharding.make_mesh(), model, autoencoder)
   outputs = superres.superres_outputs(config, str(tmp_path), sampler, state, ae_params)
   examples = conditioning.eval_examples(config, None, 297)
@@ -424,11 +425,12 @@ def test_text_run_end_to_end(captions_data_dir, tmp_path):
   config.train.update(log_every=1, checkpoint_every=2)
   config.sample.update(num_steps=2, num_samples=4, batch_size=8)
   workdir = str(tmp_path)
-  modes.train_mode(config, workdir)
-  vocabulary = text.Vocabulary.load(conditioning.vocabulary_path(workdir))
+  modes.run('train', config, workdir)
+  vocabulary = text.Vocabulary.load(stages.vocabulary_path(workdir))
   assert 'seven' in vocabulary.words
-  modes.sample_mode(config, workdir, num_samples=6, prompts=['a thick three', 'a two'])
+  modes.run('sample', config, workdir,
+            modes.Options(num_samples=6, prompts=('a thick three', 'a two')))
   grid = np.asarray(Image.open(tmp_path / 'samples' / 'grid_2.png'))
   assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)  # One row per prompt.
   with pytest.raises(UserError, match="unknown word\\(s\\) 'fat'"):
-    modes.sample_mode(config, workdir, prompts=['a fat three'])
+    modes.run('sample', config, workdir, modes.Options(prompts=('a fat three',)))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax import checkpointing, diffusion, editing, sampling, sharding, train
+from ldm_jax import checkpointing, diffusion, editing, sampling, sharding
+from ldm_jax import modes, stages
 from ldm_jax.errors import UserError
 
 T = 1000
@@ -348,8 +349,8 @@ def trained(tmp_path_factory, digits_data_dir):
   config.data.data_dir = digits_data_dir
   workdir = tmp_path_factory.mktemp('edit_run')
   mesh = sharding.make_mesh()
-  ae_abstract = train.autoencoder_setup(config, mesh)[3]
-  diffusion_abstract = train.diffusion_setup(config, mesh)[3]
+  ae_abstract = stages.autoencoder_setup(config, mesh)[3]
+  diffusion_abstract = stages.diffusion_setup(config, mesh)[3]
   states = {'autoencoder': _random_state(ae_abstract, 0),
             'diffusion': _random_state(diffusion_abstract, 1).replace(
                 scale_factor=np.float32(0.8))}
@@ -375,7 +376,7 @@ def test_edit_mode_writes_inpaint_and_img2img(trained, tmp_path, capsys):
       class_label=3))
   config.sample.guidance_scale = 2.0
 
-  png, npz = editing.edit_mode(config, workdir)
+  png, npz = modes.run('edit', config, workdir)
   assert png.endswith('edits/inpaint_4.png') and npz.endswith('edits/inpaint_4.npz')
   assert f'{png} and {npz}' in capsys.readouterr().out
   with np.load(npz) as outputs:
@@ -392,7 +393,7 @@ def test_edit_mode_writes_inpaint_and_img2img(trained, tmp_path, capsys):
   assert grid.shape == (size + 4, (num_samples + 2) * (size + 2) + 2)
 
   config.edit.update(task='img2img', mask='', class_label=-1)
-  png, npz = editing.edit_mode(config, workdir)
+  png, npz = modes.run('edit', config, workdir)
   with np.load(npz) as outputs:
     assert outputs['images'].shape == (num_samples, size, size, 1)
     assert set(outputs.files) == {'images', 'input'}
@@ -407,6 +408,6 @@ def test_edit_mode_errors_before_loading_models(tmp_path):
       task='inpaint', input=str(tmp_path / 'missing.png'), mask='', strength=0.6,
       jump_length=10, jump_n_sample=10, num_samples=8, class_label=-1))
   # No workdir, no data: the config and files are checked first.
-  _one_line_error('config.edit.mask', editing.edit_mode, config, str(tmp_path / 'run'))
+  _one_line_error('config.edit.mask', modes.run, 'edit', config, str(tmp_path / 'run'))
   config.edit.mask = str(tmp_path / 'mask.png')
-  _one_line_error('input image not found', editing.edit_mode, config, str(tmp_path / 'run'))
+  _one_line_error('input image not found', modes.run, 'edit', config, str(tmp_path / 'run'))

@@ -157,7 +157,7 @@ def evaluated_run(digits_data_dir, tmp_path_factory):
   import io
 
   from configs import tiny
-  from ldm_jax import eval_mode, modes
+  from ldm_jax import modes
 
   config = tiny.get_config()
   config.data.data_dir = digits_data_dir
@@ -165,7 +165,7 @@ def evaluated_run(digits_data_dir, tmp_path_factory):
   config.train.eval_every = 2
   workdir = str(tmp_path_factory.mktemp('eval_run'))
   outputs = []
-  for run in (lambda: modes.train_mode(config, workdir), lambda: eval_mode.eval_mode(config, workdir)):
+  for run in (lambda: modes.run('train', config, workdir), lambda: modes.run('eval', config, workdir)):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
       record = run()
@@ -239,11 +239,11 @@ def test_eval_scalars_reach_tensorboard(evaluated_run):
 
 
 def test_bad_inception_weights_stop_before_sampling(evaluated_run, tmp_path):
-  from ldm_jax import eval_mode
+  from ldm_jax import modes
   from ldm_jax.errors import UserError
 
   config, workdir, _, _ = evaluated_run
   config = config.copy_and_resolve_references()
   config.eval.inception_weights = str(tmp_path / 'missing.pth')
   with pytest.raises(UserError, match='no such file'):
-    eval_mode.eval_mode(config, workdir)
+    modes.run('eval', config, workdir)

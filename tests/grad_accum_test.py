@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ldm_jax import builders, grad_accum, sharding, train
+from ldm_jax import stages
 
 
 def test_microbatches_keep_each_device_examples():
@@ -43,7 +44,7 @@ def tiny():
   # gradients (Adam would turn rounding noise in the exactly-zero gradients, such as
   # those of attention key biases, into steps of the learning rate's size).
   tx, lr = optax.sgd(0.1), lambda step: 0.1
-  state = jax.jit(functools.partial(train.init_diffusion_state, config, unet, tx, 1.0),
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, unet, tx, 1.0),
                   out_shardings=sharding.replicated(mesh))()
 
   def make_step(grad_accum_steps):

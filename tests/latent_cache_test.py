@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import builders, checkpointing, input_pipeline, latent_cache, modes, sharding, train
+from ldm_jax import optim, stages
 
 
 def _config(data_dir):
@@ -31,13 +32,13 @@ def encoded(digits_data_dir, tmp_path_factory):
   config = _config(digits_data_dir)
   workdir = str(tmp_path_factory.mktemp('encode'))
   autoencoder = builders.build_autoencoder(config)
-  tx, _ = train.optim.make_optimizer(config.autoencoder.optim, 1)
-  state = jax.jit(functools.partial(train.init_autoencoder_state, config, autoencoder, tx))()
+  tx, _ = optim.make_optimizer(config.autoencoder.optim, 1)
+  state = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, tx))()
   manager = checkpointing.make_manager(
       os.path.join(workdir, 'autoencoder', 'checkpoints'), keep=1)
   checkpointing.save(manager, state)
   manager.wait_until_finished()
-  modes.encode_mode(config, workdir)
+  modes.run('encode', config, workdir)
   return config, workdir, autoencoder, state.ema_params
 
 
@@ -55,7 +56,7 @@ def _first_images(config, count):
 
 def test_encode_mode_writes_shards_of_the_encoder_posterior(encoded):
   config, workdir, autoencoder, params = encoded
-  directory = latent_cache.cache_dir(workdir)
+  directory = stages.latents_dir(workdir)
   names = sorted(os.listdir(directory))
   assert [n for n in names if n.startswith('shard-')] == [
       f'shard-p00000-{i:06d}.npz' for i in range(4)]
@@ -73,17 +74,17 @@ def test_encode_mode_writes_shards_of_the_encoder_posterior(encoded):
 
 def test_second_call_reuses_the_cache(encoded, caplog):
   config, workdir, autoencoder, params = encoded
-  before = _mtimes(latent_cache.cache_dir(workdir))
+  before = _mtimes(stages.latents_dir(workdir))
   mesh = sharding.make_mesh()
   with caplog.at_level(logging.INFO, logger='absl'):
     latent_cache.build(config, workdir, mesh, autoencoder, params)
   assert 'reusing the cache' in caplog.text
-  assert _mtimes(latent_cache.cache_dir(workdir)) == before
+  assert _mtimes(stages.latents_dir(workdir)) == before
 
 
 def test_a_killed_build_keeps_finished_shards_and_redoes_the_rest(encoded, tmp_path, caplog):
   config, workdir, autoencoder, params = _copy(encoded, tmp_path)
-  directory = latent_cache.cache_dir(workdir)
+  directory = stages.latents_dir(workdir)
   expected = latent_cache.load(directory)
   for name in ('shard-p00000-000002.npz', 'shard-p00000-000003.npz', 'done-p00000.json'):
     os.remove(os.path.join(directory, name))
@@ -107,7 +108,7 @@ def test_a_killed_build_keeps_finished_shards_and_redoes_the_rest(encoded, tmp_p
 def test_a_changed_autoencoder_or_preprocessing_rebuilds(encoded, tmp_path, caplog, change,
                                                          reason):
   config, workdir, autoencoder, params = _copy(encoded, tmp_path)
-  directory = latent_cache.cache_dir(workdir)
+  directory = stages.latents_dir(workdir)
   old = latent_cache.load(directory)
   if change == 'params':
     params = jax.tree.map(lambda p: p * 1.01, params)
@@ -129,7 +130,7 @@ def test_a_changed_autoencoder_or_preprocessing_rebuilds(encoded, tmp_path, capl
 
 
 def test_processes_read_contiguous_slices_of_all_shards(encoded):
-  directory = latent_cache.cache_dir(encoded[1])
+  directory = stages.latents_dir(encoded[1])
   whole = latent_cache.load(directory, 0, 1)
   parts = [latent_cache.load(directory, p, 3) for p in range(3)]
   assert [len(p['label']) for p in parts] == [66, 67, 67]
@@ -171,11 +172,11 @@ def test_stage_two_trains_from_the_cache_with_its_whole_set_scale(encoded, tmp_p
   config, workdir, autoencoder, params = _copy(encoded, tmp_path)
   config.diffusion.cache_latents = True
   config.diffusion.num_train_steps = 2
-  before = _mtimes(latent_cache.cache_dir(workdir))
+  before = _mtimes(stages.latents_dir(workdir))
   _, state = train.train_diffusion(config, workdir, sharding.make_mesh(), autoencoder, params)
   assert int(state.step) == 2
-  assert _mtimes(latent_cache.cache_dir(workdir)) == before  # Reused, not rebuilt.
-  arrays = latent_cache.load(latent_cache.cache_dir(workdir))
+  assert _mtimes(stages.latents_dir(workdir)) == before  # Reused, not rebuilt.
+  arrays = latent_cache.load(stages.latents_dir(workdir))
   mean, logvar = arrays['latent_mean'].astype(np.float64), arrays['latent_logvar']
   variance = np.mean(mean**2 + np.exp(logvar)) - np.mean(mean) ** 2
   np.testing.assert_allclose(float(state.scale_factor), 1 / np.sqrt(variance), rtol=1e-5)

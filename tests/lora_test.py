@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from ldm_jax import builders, diffusion, finetune, input_pipeline, lora, modes, models, pretrained
+from ldm_jax import stages
 from ldm_jax import sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
@@ -131,7 +132,7 @@ def test_training_changes_only_adapters_and_lowers_the_loss(trained, base):
   _, base_params, apply, _ = base
   assert float(state.scale_factor) == 0.5  # The VAE's scaling_factor.
   # The checkpointed state holds the adapters alone: r·(in + out) per adapted layer.
-  abstract = train.diffusion_setup(config, sharding.make_mesh(jax.devices()[:1]))[3]
+  abstract = stages.diffusion_setup(config, sharding.make_mesh(jax.devices()[:1]))[3]
   flat_base = traverse_util.flatten_dict(base_params)
   expected = sum(lora.num_adapter_params(flat_base[p].shape, 4)
                  for p in lora.target_kernels(base_params, TARGETS))
@@ -163,7 +164,7 @@ def test_training_changes_only_adapters_and_lowers_the_loss(trained, base):
 
 def test_merge_lora_mode_writes_the_trained_merge(trained, tmp_path, capsys):
   config, workdir, unet, state, _ = trained
-  modes.merge_lora_mode(config, workdir)
+  modes.run('merge_lora', config, workdir)
   assert 'merged_unet' in capsys.readouterr().out
   module, merged = pretrained.load_unet(os.path.join(workdir, 'merged_unet'))
   assert module == unet
@@ -174,7 +175,7 @@ def test_merge_lora_mode_writes_the_trained_merge(trained, tmp_path, capsys):
   config.diffusion.init_from = str(tmp_path / 'other')
   pretrained.save_unet(module, jax.tree.map(lambda p: p + 1, merged), config.diffusion.init_from)
   with pytest.raises(UserError, match='is not the base the LoRA adapters'):
-    modes.merge_lora_mode(config, workdir)
+    modes.run('merge_lora', config, workdir)
 
 
 def test_lora_config_errors(lora_config):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import builders, diffusion, losses, models, sharding, train
+from ldm_jax import optim, stages
 
 _UNET = dict(out_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
              attention_resolutions=(8,), num_heads=2, norm_num_groups=4, num_classes=0)
@@ -53,8 +54,8 @@ def test_bfloat16_keeps_float32_params_and_its_loss_falls(digits_data_dir):
   config.diffusion.class_conditional = False
   unet = builders.build_unet(config, num_classes=0)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  tx, lr = train.optim.make_optimizer(config.diffusion.optim, 100)
-  state = jax.jit(functools.partial(train.init_diffusion_state, config, unet, tx, 1.0))()
+  tx, lr = optim.make_optimizer(config.diffusion.optim, 100)
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, unet, tx, 1.0))()
   step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
                                    config=config.diffusion, lr_schedule=lr))
   schedule = builders.make_schedule(config)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import checkpointing, input_pipeline, sharding, train
+from ldm_jax import stages
 from ldm_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def _as_two_processes(config, mesh, start_step, features=None):
 def _restore(workdir, stage, config, mesh):
   manager = checkpointing.make_manager(os.path.join(workdir, stage, 'checkpoints'), keep=2,
                                        read_only=True)
-  setup = train.autoencoder_setup if stage == 'autoencoder' else train.diffusion_setup
+  setup = stages.autoencoder_setup if stage == 'autoencoder' else stages.diffusion_setup
   return manager.all_steps(), checkpointing.restore(manager, setup(config, mesh)[3])
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import builders, checkpointing, input_pipeline, optim, preemption, sharding, train
+from ldm_jax import stages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LONG = 100_000  # Steps the interrupted run is configured for; it never gets there.
@@ -42,9 +43,9 @@ def _final_state(workdir, config, mesh, stage='autoencoder'):
   manager = checkpointing.make_manager(os.path.join(workdir, stage, 'checkpoints'), keep=2,
                                        read_only=True)
   if stage == 'autoencoder':
-    abstract = train.autoencoder_setup(config, mesh)[3]
+    abstract = stages.autoencoder_setup(config, mesh)[3]
   else:
-    abstract = train.diffusion_setup(config, mesh)[3]
+    abstract = stages.diffusion_setup(config, mesh)[3]
   return manager.all_steps(), jax.device_get(checkpointing.restore(manager, abstract))
 
 
@@ -109,7 +110,7 @@ def test_diffusion_resume_is_bit_identical(tiny_config, tmp_path):
   tiny_config.diffusion.ema_decay = 0.9
   autoencoder = builders.build_autoencoder(tiny_config)
   tx, _ = optim.make_optimizer(tiny_config.autoencoder.optim, 1)
-  ae_params = jax.jit(lambda: train.init_autoencoder_state(
+  ae_params = jax.jit(lambda: stages.init_autoencoder_state(
       tiny_config, autoencoder, tx).params)()
   ae_params = sharding.gather(ae_params, one_device)
 

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ldm_jax import builders, checkpointing, generate, input_pipeline, sharding, train
+from ldm_jax import optim, stages
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -29,8 +30,8 @@ def setup(digits_data_dir):
   config.diffusion.model.update(channel_mult=(1,), attention_resolutions=(8,))
   autoencoder = builders.build_autoencoder(config)
   unet = builders.build_unet(config, num_classes=10)
-  ae_tx, _ = train.optim.make_optimizer(config.autoencoder.optim, 100)
-  ae_state = jax.jit(functools.partial(train.init_autoencoder_state, config, autoencoder, ae_tx))()
+  ae_tx, _ = optim.make_optimizer(config.autoencoder.optim, 100)
+  ae_state = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, ae_tx))()
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True, seed=0)
   batch = next(ds.as_numpy_iterator())
   batch = {'image': batch['image'], 'label': batch['label']}
@@ -52,10 +53,10 @@ def diffusion(setup):
   def get(name):
     if name not in cache:
       mesh = _mesh(name)
-      unet_, tx, lr, abstract, _ = train.diffusion_setup(config, mesh)
+      unet_, tx, lr, abstract = stages.diffusion_setup(config, mesh)
       state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
       replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-      init = jax.jit(functools.partial(train.init_diffusion_state, config, unet_, tx, 0.5),
+      init = jax.jit(functools.partial(stages.init_diffusion_state, config, unet_, tx, 0.5),
                      out_shardings=state_sharding)
       encode = jax.jit(functools.partial(train.encode_batch, autoencoder=autoencoder),
                        out_shardings=data)
@@ -190,9 +191,9 @@ def test_autoencoder_step_on_2x4_equals_one_device(setup):
   results = []
   for name in ('1', '2x4'):
     mesh = _mesh(name)
-    _, tx, lr, abstract = train.autoencoder_setup(config, mesh)
+    _, tx, lr, abstract = stages.autoencoder_setup(config, mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    init = jax.jit(functools.partial(train.init_autoencoder_state, config, autoencoder, tx),
+    init = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, tx),
                    out_shardings=state_sharding)
     step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
                                      config=config.autoencoder, lr_schedule=lr),

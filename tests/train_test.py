@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import builders, checkpointing, diffusion, input_pipeline, losses, sharding, train
+from ldm_jax import optim, stages
 from ldm_jax.errors import UserError
 
 
@@ -25,13 +26,13 @@ def setup(digits_data_dir):
   config.data.data_dir = digits_data_dir
   autoencoder = builders.build_autoencoder(config)
   unet = builders.build_unet(config, num_classes=10)
-  ae_tx, ae_lr = train.optim.make_optimizer(config.autoencoder.optim, 100)
-  ae_state = jax.jit(functools.partial(train.init_autoencoder_state, config, autoencoder, ae_tx))()
+  ae_tx, ae_lr = optim.make_optimizer(config.autoencoder.optim, 100)
+  ae_state = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, ae_tx))()
   return config, autoencoder, unet, ae_state, ae_lr, _first_batch(config)
 
 
 def _diffusion_step(config, unet, mesh, num_train_steps=100):
-  tx, lr = train.optim.make_optimizer(config.diffusion.optim, num_train_steps)
+  tx, lr = optim.make_optimizer(config.diffusion.optim, num_train_steps)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
                                    config=config.diffusion, lr_schedule=lr),
@@ -46,7 +47,7 @@ def _posterior_batch(ae_params, batch, autoencoder, mesh):
 
 
 def _init_diffusion_state(config, unet, tx, mesh):
-  init = functools.partial(train.init_diffusion_state, config, unet, tx, 1.0)
+  init = functools.partial(stages.init_diffusion_state, config, unet, tx, 1.0)
   return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
@@ -129,7 +130,7 @@ def test_autoencoder_stage_resumes_and_skips_when_finished(tiny_config, tmp_path
   _, params = train.train_autoencoder(tiny_config, str(tmp_path), mesh)
   manager.reload()
   assert manager.all_steps() == [2, 4]
-  _, _, _, abstract = train.autoencoder_setup(tiny_config, mesh)
+  _, _, _, abstract = stages.autoencoder_setup(tiny_config, mesh)
   restored = checkpointing.restore(manager, abstract)
   assert int(restored.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.ema_params),
@@ -160,7 +161,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
                      manager=manager, writer=None, config=config)
   manager.wait_until_finished()
   assert manager.all_steps() == [2]
-  _, _, _, abstract = train.autoencoder_setup(config, mesh)
+  _, _, _, abstract = stages.autoencoder_setup(config, mesh)
   assert int(checkpointing.restore(manager, abstract).step) == 2
 
 
