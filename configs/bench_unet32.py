@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
                                 attention_resolutions=(16, 8), num_heads=4, head_dim=0,
                                 dropout=0.0, norm_num_groups=32, norm_eps=1e-5,
                                 time_embed_dim=256, mid_attention=True, remat='')
-  config.diffusion.update(class_conditional=False, schedule='linear', beta_start=1e-4,
+  config.diffusion.conditioning.name = ''
+  config.diffusion.update(schedule='linear', beta_start=1e-4,
                           beta_end=0.02, num_timesteps=1000, prediction_type='eps',
                           loss_weighting='uniform', ema_decay=0.0, compute_dtype='float32',
                           grad_accum_steps=1)

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.model.update(base_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                                 attention_resolutions=(32, 16, 8), head_dim=32,
                                 norm_num_groups=32, dropout=0.0)
-  config.diffusion.class_conditional = False
+  config.diffusion.conditioning.name = ''  # Unconditional.
   config.diffusion.update(schedule='scaled_linear', beta_start=0.0015, beta_end=0.0195,
                           num_train_steps=410_000, ema_decay=0.9999)
   config.diffusion.optim.update(learning_rate=9.6e-5, warmup_steps=10_000,

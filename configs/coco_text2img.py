@@ -33,7 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.model.update(base_channels=256, channel_mult=(1, 2, 4), num_res_blocks=2,
                                 attention_resolutions=(32, 16, 8), head_dim=64,
                                 norm_num_groups=32, context_dim=512, transformer_depth=1)
-  config.diffusion.class_conditional = False
   config.diffusion.conditioning.update(name='text')
   config.diffusion.conditioning.text.update(caption_key='captions/text', vocab_size=10_000,
                                             max_length=77, num_layers=8, num_heads=8)

@@ -81,11 +81,12 @@ def get_config() -> ml_collections.ConfigDict:
       # Adapters on the kernels of the named submodules (ldm_jax/lora.py lists them;
       # e.g. add 'conv1', 'conv2' for the ResnetBlock convs), scaled by alpha / rank.
       lora=dict(rank=0, alpha=4.0, targets=('to_q', 'to_k', 'to_v', 'to_out')),
-      class_conditional=True,  # Condition on dataset labels (a learned embedding).
       cond_drop_prob=0.1,      # Label and condition -> null at this rate (classifier-free guidance).
       # What else the U-Net is conditioned on (LDM section 3.3); see ldm_jax/conditioning.py.
       conditioning=dict(
-          name='',             # '' | class | text | precomputed | concat
+          # '' (none) | class (dataset labels, embedded by the denoiser) | text |
+          # precomputed | concat; ldm_jax/conditioning.py lists what each reads.
+          name='class',
           frozen=False,        # True: the conditioner's parameters are not trained.
           text=dict(           # A word-level tokenizer + BERT-style encoder trained from scratch.
               caption_key='caption',  # TFDS feature ('a/b' for nested ones, e.g. captions/text).

@@ -16,7 +16,6 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.diffusion.class_conditional = False  # The low-resolution image says enough.
   config.diffusion.cond_drop_prob = 0.0  # No guidance: every step sees the condition.
   config.diffusion.conditioning.update(name='concat')
   config.diffusion.conditioning.concat.update(factor=4)  # 32x32 -> 8x8.

@@ -18,7 +18,6 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.data.name = 'digits_captions'
-  config.diffusion.class_conditional = False  # The digit comes from the caption only.
   config.diffusion.model.update(
       context_dim=64,
       attention_resolutions=(4,),  # Cross-attention at the 4x4 level and in the middle.

@@ -31,7 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
                                   lr_schedule='constant', b1=0.5, b2=0.9)
   config.diffusion.model.update(base_channels=160, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
                                 attention_resolutions=(16, 8), head_dim=32, norm_num_groups=32)
-  config.diffusion.class_conditional = False
   config.diffusion.cond_drop_prob = 0.0
   config.diffusion.conditioning.update(name='concat')
   config.diffusion.conditioning.concat.update(factor=4)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, generate, models, optim, sampling, sharding, stages, train
+from ldm_jax import builders, conditioning, generate, models, optim, sampling, sharding, stages
+from ldm_jax import train
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -44,37 +45,47 @@ flags.DEFINE_float('peak_tflops', 0.0, 'train benchmark: the device\'s peak TFLO
 flags.mark_flags_as_required(['config'])
 
 
-def _init_params(config, autoencoder, unet):
-  rng_ae, rng_unet = jax.random.split(jax.random.PRNGKey(config.seed))
+def _denoiser(config, num_classes: int):
+  """The configured denoiser with `num_classes` labels when class-conditional (no dataset read)."""
+  return builders.build_denoiser(
+      config, num_classes if conditioning.spec(config).denoiser_labels else 0)
+
+
+def _init_params(config, autoencoder, denoiser):
+  rng_ae, rng_denoiser = jax.random.split(jax.random.PRNGKey(config.seed))
   size, channels = config.data.image_size, config.data.num_channels
   ae_params = jax.jit(autoencoder.init)(rng_ae, jnp.zeros((1, size, size, channels)))['params']
-  latents = jnp.zeros((1, *builders.latent_shape(config)))
-  unet_params = jax.jit(unet.init)(rng_unet, latents, jnp.zeros((1,)),
-                                   jnp.zeros((1,), jnp.int32))['params']
-  return ae_params, unet_params
+  params = jax.jit(functools.partial(stages.init_denoiser_params, config, denoiser))(rng_denoiser)
+  return ae_params, params
+
+
+def _conditions(config, batch_size: int):
+  """Zero conditioning features of a conditioner module (their values do not change timing)."""
+  return conditioning.example_batch(config, batch_size) if conditioning.has_module(config) else None
 
 
 def bench_sample(config, methods: list[str], steps: list[int], batch_size: int,
                  repeats: int, num_classes: int) -> list[dict]:
   """Compile seconds and images/s of sample-and-decode per (method, steps)."""
   mesh = sharding.make_mesh()
-  num_classes = num_classes if config.diffusion.class_conditional else 0
   autoencoder = builders.build_autoencoder(config)
-  unet = builders.build_unet(config, num_classes)
-  ae_params, unet_params = _init_params(config, autoencoder, unet)
+  denoiser = _denoiser(config, num_classes)
+  ae_params, params = _init_params(config, autoencoder, denoiser)
   schedule = builders.make_schedule(config)
-  labels = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1),
-                          sharding.data_sharding(mesh))
+  labels, conditions = jax.device_put(
+      (jnp.arange(batch_size, dtype=jnp.int32) % max(denoiser.num_classes, 1),
+       _conditions(config, batch_size)), sharding.data_sharding(mesh))
   rows = []
   for method in methods:
     for num_steps in steps:
       sample_config = config.sample.copy_and_resolve_references()
       sample_config.unlock().update(method=method, num_steps=num_steps)
       fn = jax.jit(functools.partial(
-          generate.generate_images, unet=unet, autoencoder=autoencoder,
+          generate.generate_images, denoiser=denoiser, autoencoder=autoencoder,
           sample_config=sample_config, prediction_type=config.diffusion.prediction_type,
-          latent_shape=builders.latent_shape(config), class_conditional=num_classes > 0))
-      args = (unet_params, ae_params, jnp.float32(1.0), labels, jax.random.PRNGKey(0), schedule)
+          latent_shape=builders.latent_shape(config)))
+      args = (params, ae_params, jnp.float32(1.0), labels, jax.random.PRNGKey(0), schedule,
+              conditions)
       start = time.perf_counter()
       compiled = fn.lower(*args).compile()
       compile_s = time.perf_counter() - start
@@ -177,21 +188,21 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
 
   mesh = sharding.make_mesh()
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  num_classes = num_classes if config.diffusion.class_conditional else 0
-  unet = builders.build_unet(config, num_classes)
+  denoiser = _denoiser(config, num_classes)
+  num_classes = denoiser.num_classes
   schedule = builders.make_schedule(config)
   latent_shape = builders.latent_shape(config)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  state = jax.jit(functools.partial(stages.init_diffusion_state, config, unet, tx),
+  state = jax.jit(functools.partial(stages.init_diffusion_state, config, denoiser, tx),
                   out_shardings=replicated)(1.0)
   num_params = models.count_params(state.params)
   batch_size = config.data.batch_size
   rng_mean, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
   mean = jax.random.normal(rng_mean, (batch_size, *latent_shape))
   batch = jax.device_put({'latent_mean': mean, 'latent_logvar': jnp.full_like(mean, LOGVAR_MIN),
-                          'label': jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1)},
-                         data)
-  train_step = functools.partial(train.diffusion_train_step, unet=unet, config=config.diffusion,
+                          'label': jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1),
+                          **conditioning.example_batch(config, batch_size)}, data)
+  train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
                                  lr_schedule=lr_schedule)
   train_flops = model_flops(train_step, state, batch, schedule) / batch_size
   step = jax.jit(train_step, in_shardings=(replicated, data, replicated),
@@ -208,18 +219,32 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                         train_flops)
 
   params = state.params
-  labels = jax.device_put(jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
-                          data)
+  labels, conditions = jax.device_put(
+      (jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
+       _conditions(config, sample_batch_size)), data)
   sample_shape = (sample_batch_size, *latent_shape)
-  forward_flops = model_flops(lambda p, x, t, y: unet.apply({'params': p}, x, t, y), params,
-                              jax.ShapeDtypeStruct(sample_shape, jnp.float32),
-                              jax.ShapeDtypeStruct((sample_batch_size,), jnp.float32), labels)
-  sample_fn = jax.jit(lambda p, y, rng: sampling.sample(
-      lambda x, t, y: unet.apply({'params': p}, x, t, y), schedule, sample_shape, rng,
-      method='ddim', num_steps=ddim_steps, eta=0.0,
-      prediction_type=config.diffusion.prediction_type, cond=y))
-  sample_fn, sample_compile_s = _compile(sample_fn, params, labels, rng_sample)
-  sample_s = _seconds_per_call(lambda: sample_fn(params, labels, rng_sample), repeats)
+
+  def model(p, y, conditions):
+    """The denoiser as `sampling.sample` calls it, conditions encoded once."""
+    return generate.model_and_conditions(denoiser, p, y if num_classes else None, conditions)
+
+  def forward(p, x, t, y, conditions):
+    model_fn, cond, _ = model(p, y, conditions)
+    return model_fn(x, t) if cond is None else model_fn(x, t, cond)
+
+  forward_flops = model_flops(forward, params, jax.ShapeDtypeStruct(sample_shape, jnp.float32),
+                              jax.ShapeDtypeStruct((sample_batch_size,), jnp.float32), labels,
+                              conditions)
+
+  def sample_fn(p, y, conditions, rng):
+    model_fn, cond, _ = model(p, y, conditions)
+    return sampling.sample(model_fn, schedule, sample_shape, rng, method='ddim',
+                           num_steps=ddim_steps, eta=0.0,
+                           prediction_type=config.diffusion.prediction_type, cond=cond)
+
+  sample_fn, sample_compile_s = _compile(jax.jit(sample_fn), params, labels, conditions,
+                                         rng_sample)
+  sample_s = _seconds_per_call(lambda: sample_fn(params, labels, conditions, rng_sample), repeats)
   sample_flops = forward_flops * ddim_steps / sample_batch_size
   sample_gflops = report('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}',
                          sample_compile_s, sample_s, sample_batch_size, sample_flops)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from ldm_jax import diffusion, input_pipeline, models, pretrained
+from ldm_jax import conditioning, diffusion, input_pipeline, models, pretrained
 from ldm_jax.models import conditioners
 from ldm_jax.errors import UserError
 
@@ -28,43 +28,26 @@ def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
                 dtype=jnp.dtype(config.autoencoder.compute_dtype))
 
 
-def build_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The stage-2 model; `num_classes` > 0 adds a label embedding.
+def build_denoiser(config: ml_collections.ConfigDict, num_labels: int | None = None) -> nn.Module:
+  """The stage-2 model: the backbone of `config.diffusion.model` (a `models.DENOISERS`
+  entry), wrapped with its conditioner as one `ConditionedDenoiser` when
+  `config.diffusion.conditioning.name` names a conditioner module.
 
-  With `config.diffusion.init_from` the U-Net is the one its config.json describes
-  (`config.diffusion.model` is not used); it must fit the latents and labels. With
-  `config.diffusion.conditioning.name` set, the U-Net and that conditioner as one
-  `ConditionedUNet`.
+  With `config.diffusion.init_from` the denoiser is the diffusers U-Net its
+  config.json describes (`config.diffusion.model` is not used); it must fit the
+  latents and labels. `num_labels` overrides the dataset's label count of a
+  class-conditional denoiser (e.g. to benchmark without the dataset).
   """
+  classes = num_classes(config) if num_labels is None else num_labels
   if config.diffusion.init_from:
-    return _pretrained_unet(config, num_classes)
-  unet = _build('diffusion', config.diffusion.model,
-                out_channels=config.autoencoder.model.latent_channels,
-                num_classes=num_classes, dtype=jnp.dtype(config.diffusion.compute_dtype))
-  if not config.diffusion.conditioning.name:
-    return unet
-  return conditioners.ConditionedUNet(unet, build_conditioner(config))
-
-
-def build_conditioner(config: ml_collections.ConfigDict) -> nn.Module:
-  """The conditioner named by `config.diffusion.conditioning.name` (not '')."""
-  c = config.diffusion.conditioning
-  context_dim = config.diffusion.model.context_dim
-  if c.name == 'class':
-    count = input_pipeline.dataset_info(config.data).num_classes
-    if not count:
-      raise UserError(f'config.diffusion.conditioning.name=class but dataset '
-                      f'{config.data.name!r} has no labels')
-    kwargs = dict(num_classes=count, context_dim=context_dim)
-  elif c.name == 'text':
-    kwargs = dict(vocab_size=c.text.vocab_size, max_length=c.text.max_length,
-                  context_dim=context_dim, num_layers=c.text.num_layers,
-                  num_heads=c.text.num_heads)
-  elif c.name == 'precomputed':
-    kwargs = dict(context_dim=context_dim)
-  else:
-    kwargs = dict(latent_size=latent_shape(config)[:2])
-  return conditioners.CONDITIONERS[c.name](**kwargs)
+    return _pretrained_unet(config, classes)
+  denoiser = _build('diffusion', config.diffusion.model,
+                    out_channels=config.autoencoder.model.latent_channels,
+                    num_classes=classes, dtype=jnp.dtype(config.diffusion.compute_dtype))
+  conditioner = conditioning.build_module(config, latent_shape(config)[:2])
+  if conditioner is None:
+    return denoiser
+  return conditioners.ConditionedDenoiser(denoiser, conditioner)
 
 
 def _pretrained_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -77,8 +60,8 @@ def _pretrained_unet(config: ml_collections.ConfigDict, num_classes: int) -> nn.
                     f'latents of the autoencoder')
   if model.num_classes != num_classes:
     raise UserError(f'config.diffusion.init_from={path!r} has {model.num_classes} classes but '
-                    f'the run needs {num_classes} (config.diffusion.class_conditional='
-                    f'{config.diffusion.class_conditional}); accepted: a U-Net with '
+                    f'the run needs {num_classes} (config.diffusion.conditioning.name='
+                    f'{config.diffusion.conditioning.name!r}); accepted: a U-Net with '
                     f'{num_classes} classes')
   return model
 
@@ -117,11 +100,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-  """Label count for a class-conditional U-Net, 0 when unconditional."""
-  if not config.diffusion.class_conditional:
+  """Label count of a class-conditional denoiser (`conditioning.name='class'`), else 0."""
+  if not conditioning.spec(config).denoiser_labels:
     return 0
   count = input_pipeline.dataset_info(config.data).num_classes
   if not count:
-    raise UserError(f'config.diffusion.class_conditional=True but dataset '
-                    f'{config.data.name!r} has no labels; accepted: False for this dataset')
+    raise UserError(f'config.diffusion.conditioning.name=class but dataset '
+                    f'{config.data.name!r} has no labels; accepted: another conditioning.name '
+                    f'for this dataset')
   return count

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import checkpointing, conditioning, generate, input_pipeline, models, optim
 from ldm_jax import sharding, stages, superres
+from ldm_jax.losses import psnr
 from ldm_jax.models import inception
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import TrainState, create_train_state
@@ -178,12 +179,6 @@ def precision_recall(real, fake, *, k: int = 3) -> tuple[float, float]:
 # ---------------------------------------------------------------- PSNR/SSIM --
 
 
-def psnr(x: jax.Array, y: jax.Array, data_range: float) -> jax.Array:
-  """Peak signal-to-noise ratio (dB) of each image of NHWC batches -> [B]."""
-  mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)), axis=(1, 2, 3))
-  return 10.0 * jnp.log10(data_range ** 2 / mse)
-
-
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> jax.Array:
   """Normalized 1-D Gaussian [size]."""
   x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
@@ -237,7 +232,8 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
-  return _round_up(config.eval.batch_size, mesh.shape[sharding.DATA_AXIS])
+  """`eval.batch_size` rounded up to split evenly over the devices (data x fsdp)."""
+  return _round_up(config.eval.batch_size, sharding.num_batch_shards(mesh))
 
 
 def _gather(tree) -> dict[str, np.ndarray]:
@@ -254,7 +250,7 @@ def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarr
   """Applies a jitted `fn` (images [B, ...] -> dict of [B, ...]) to host images in batches.
 
   `images` [N, H, W, C] must be the same on every process (like `Sampler.generate`'s
-  output); each batch is split over the mesh's `data` axis.
+  output); each batch is split over all devices (`sharding.data_sharding`).
   """
   data = sharding.data_sharding(mesh)
   padded = np.concatenate([images, np.zeros((-len(images) % batch_size, *images.shape[1:]),
@@ -510,7 +506,7 @@ def _reconstruction_fn(autoencoder: nn.Module, ae_params, classifier: TrainedCla
   return functools.partial(fn, ae_params, classifier.params if classifier else None)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Module, state,
+def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn.Module, state,
              autoencoder: nn.Module, ae_params) -> dict[str, float]:
   """Sample and reconstruction metrics of a trained run; real-vs-real values beside them.
 
@@ -543,9 +539,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
     _say('fid/kid: skipped, no Inception weights (set config.eval.inception_weights to '
          f'{inception.WEIGHTS_FILE}; see README, Evaluation)')
 
-  sampler = generate.Sampler(config, mesh, unet, autoencoder)
+  sampler = generate.Sampler(config, mesh, denoiser, autoencoder)
   conditions = None
-  if config.diffusion.conditioning.name:  # Conditioned on the eval split's examples.
+  if conditioning.spec(config).from_eval_split:  # Conditioned on the eval split's examples.
     vocabulary = conditioning.load_or_build_vocabulary(
         config, stages.vocabulary_path(workdir), build=False)
     conditions, condition_labels = conditioning.eval_conditions(
@@ -556,7 +552,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
     labels = condition_labels  # The class each condition names (a caption's digit).
   samples = to_model_range(pixels)
 
-  if config.diffusion.conditioning.name == 'concat':
+  if conditioning.spec(config).super_resolution:
     outputs = superres.superres_outputs(config, workdir, sampler, state, ae_params)
     originals = to_model_range(outputs['originals'])
     for name in ('superres', 'bicubic'):
@@ -605,14 +601,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Mod
 # ------------------------------------------------------------- reporting --
 
 # Metrics printed first, in this order; any others follow alphabetically.
-_REPORT_ORDER = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid',
+REPORT_ORDER = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid',
                  'kid_std', 'ae_psnr', 'ae_ssim', 'ae_fd_classifier')
 
 
 def format_metrics(metrics: dict[str, float]) -> list[str]:
   """One line per metric, its real-vs-real value beside it when there is one."""
   names = [n for n in metrics if not n.endswith('_real') and n != 'classifier_test_accuracy']
-  names.sort(key=lambda n: (_REPORT_ORDER.index(n) if n in _REPORT_ORDER else len(_REPORT_ORDER),
+  names.sort(key=lambda n: (REPORT_ORDER.index(n) if n in REPORT_ORDER else len(REPORT_ORDER),
                             n))
   width = max(map(len, names), default=0)
   lines = []
@@ -624,7 +620,7 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
   return lines
 
 
-def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, unet: nn.Module,
+def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn.Module,
                    state, autoencoder: nn.Module, ae_params, writer=None) -> dict:
   """`evaluate`, then print the metrics and write `WORKDIR/eval/metrics_<step>.json`.
 
@@ -636,7 +632,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str, mesh, unet: 
   """
   step = int(jax.device_get(state.step))
   start = time.perf_counter()
-  metrics = evaluate(config, workdir, mesh, unet, state, autoencoder, ae_params)
+  metrics = evaluate(config, workdir, mesh, denoiser, state, autoencoder, ae_params)
   record = {**metrics, 'step': step, 'num_samples': config.eval.num_samples,
             'eval_seconds': time.perf_counter() - start,
             **{f'sample_{k}': v for k, v in config.sample.to_dict().items()

@@ -1,7 +1,7 @@
 """Stage 2 from a pretrained diffusers U-Net: full fine-tuning or LoRA.
 
 `config.diffusion.init_from` names a diffusers `UNet2DModel` folder; the U-Net is
-built from its config.json (`builders.build_unet`). Without LoRA the train state
+built from its config.json (`builders.build_denoiser`). Without LoRA the train state
 starts from its weights. With `config.diffusion.lora.rank > 0` the folder's weights
 stay frozen (the *base*) and the train state holds only the adapters; the stage's
 checkpoint directory records which base they belong to in `lora_base.json` (the
@@ -100,15 +100,15 @@ def with_full_params(config: ml_collections.ConfigDict, state, base: Params | No
                        ema_params=full_params(config, state.ema_params, base))
 
 
-def with_base(config: ml_collections.ConfigDict, step: Callable, unet) -> Callable:
-  """`step(state, batch, schedule, *, unet)` as `(state, batch, schedule, base)`.
+def with_base(config: ml_collections.ConfigDict, step: Callable, denoiser) -> Callable:
+  """`step(state, batch, schedule, *, denoiser)` as `(state, batch, schedule, base)`.
 
-  With a base, the step sees the U-Net through the adapters in `state.params`
-  (gradients flow only to them); with None it is the plain step on `unet`.
+  With a base, the step sees the denoiser through the adapters in `state.params`
+  (gradients flow only to them); with None it is the plain step on `denoiser`.
   """
 
   def step_with_base(state, batch, schedule, base):
-    model = unet if base is None else lora.Adapted(unet, base, lora_scale(config))
-    return step(state, batch, schedule, unet=model)
+    model = denoiser if base is None else lora.Adapted(denoiser, base, lora_scale(config))
+    return step(state, batch, schedule, denoiser=model)
 
   return step_with_base

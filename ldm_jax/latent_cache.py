@@ -7,9 +7,12 @@ Layout of `WORKDIR/latents/`:
   fingerprint.json      what the latents depend on (see `fingerprint`) and the shard
                         layout; a cache whose fingerprint differs is rebuilt.
   shard-pP-I.npz        process P's I-th shard: `latent_mean`, `latent_logvar`
-                        float32 [n, h, w, c] and `label` int32 [n]; with
-                        `data.random_flip` also `latent_mean_flipped` and
-                        `latent_logvar_flipped`, the posteriors of the mirrored images.
+                        float32 [n, h, w, c], `label` int32 [n] and the
+                        conditioner's features (`conditioning.batch_keys`: tokens
+                        of the first caption, a context, a low-resolution image);
+                        with `data.random_flip` also `latent_mean_flipped` and
+                        `latent_logvar_flipped`, the posteriors of the mirrored images
+                        (image-shaped features are mirrored with them when read).
   done-pP.json          written once process P has encoded all of its part:
                         its shard files and their example counts.
 
@@ -30,9 +33,8 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec
 
-from ldm_jax import input_pipeline, sharding, stages
+from ldm_jax import conditioning, input_pipeline, sharding, stages, text
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -56,14 +58,20 @@ def params_sha256(params) -> str:
   return digest.hexdigest()
 
 
-def fingerprint(config: ml_collections.ConfigDict, ae_params) -> dict:
-  """Everything the cached posteriors depend on, as JSON-compatible data.
+def fingerprint(config: ml_collections.ConfigDict, ae_params,
+                vocabulary: text.Vocabulary | None = None) -> dict:
+  """Everything the cached posteriors and features depend on, as JSON-compatible data.
 
   The autoencoder (parameter hash, architecture, compute dtype), the dataset (name
-  and split; not `data_dir`, which only says where the same data lives) and the
-  preprocessing fields of `config.data`.
+  and split; not `data_dir`, which only says where the same data lives), the
+  preprocessing fields of `config.data`, and the conditioner's config section and
+  vocabulary.
   """
   data = config.data
+  c = config.diffusion.conditioning
+  features = {'name': c.name, 'keys': list(conditioning.batch_keys(config)),
+              'config': c[c.name].to_dict() if c.name in c else None,
+              'vocabulary': list(vocabulary.tokens) if vocabulary else None}
   return json.loads(json.dumps({
       'format_version': _FORMAT_VERSION,
       'autoencoder_params_sha256': params_sha256(ae_params),
@@ -72,6 +80,7 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params) -> dict:
       'dataset': data.name,
       'split': data.train_split,
       **{f'data.{name}': data[name] for name in _PREPROCESSING_FIELDS},
+      'conditioning': features,
   }))  # The round trip turns tuples into lists, as they read back from the file.
 
 
@@ -146,7 +155,8 @@ def encode_posterior(ae_params, images: jax.Array, *, autoencoder: nn.Module,
 
 
 def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
-                 autoencoder: nn.Module, ae_params, layout: dict) -> None:
+                 autoencoder: nn.Module, ae_params, layout: dict,
+                 vocabulary: text.Vocabulary | None) -> None:
   """Encodes this process's part of the train split into shards it has not written yet."""
   process = jax.process_index()
   for name in os.listdir(directory):  # A shard being written when the run was killed.
@@ -168,11 +178,13 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
                       in_shardings=(replicated, data), out_shardings=(data, data))
       for suffix, flip in [('', False)] + [('_flipped', True)] * config.data.random_flip}
   local = lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
-      x, mesh, PartitionSpec(sharding.DATA_AXIS)))
+      x, mesh, sharding.data_sharding(mesh).spec))
 
   # One ordered pass over the split (eval mode: no shuffling, no flips, padded).
-  ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=False,
-                                     seed=config.seed)
+  ds = input_pipeline.create_dataset(
+      config.data, config.data.train_split, train=False, seed=config.seed,
+      features=conditioning.pipeline_features(config, vocabulary, train=False))
+  feature_keys = [k for k in conditioning.batch_keys(config) if k != 'label']
   ds = ds.skip(num_done * layout['batches_per_shard'])
   pending: list[Arrays] = []
   index = num_done
@@ -190,7 +202,8 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
   for batch in ds.as_numpy_iterator():
     images = sharding.global_batch({'image': batch['image']}, mesh)['image']
     keep = batch['mask'] > 0
-    arrays = {'label': batch['label'][keep].astype(np.int32)}
+    arrays = {'label': batch['label'][keep].astype(np.int32),
+              **{k: batch[k][keep] for k in feature_keys}}
     for suffix, encode in encoders.items():
       mean, logvar = encode(ae_params, images)
       arrays[f'latent_mean{suffix}'] = local(mean)[keep]
@@ -216,9 +229,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder: nn
   Returns:
     The cache directory.
   """
+  sharding.check_batch_size(config.data.batch_size, mesh)
   directory = stages.latents_dir(workdir)
   os.makedirs(directory, exist_ok=True)
-  expected, layout = fingerprint(config, ae_params), _layout(config)
+  vocabulary = conditioning.load_or_build_vocabulary(config, stages.vocabulary_path(workdir),
+                                                     build=True)
+  expected, layout = fingerprint(config, ae_params, vocabulary), _layout(config)
   action, reason = _plan(directory, expected, layout)
   # Every process has decided from the same files before process 0 changes them.
   multihost_utils.sync_global_devices('latent_cache_plan')
@@ -232,7 +248,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder: nn
     _write_json(os.path.join(directory, _FINGERPRINT_FILE),
                 {'fingerprint': expected, 'layout': layout})
   multihost_utils.sync_global_devices('latent_cache_start')
-  _encode_part(config, directory, mesh, autoencoder, ae_params, layout)
+  _encode_part(config, directory, mesh, autoencoder, ae_params, layout, vocabulary)
   multihost_utils.sync_global_devices('latent_cache_done')
   logging.info('latents: %d examples cached in %s', _total_examples(directory), directory)
   return directory
@@ -296,10 +312,12 @@ def cached_scale_factor(arrays: Arrays) -> float:
 
 def batches(arrays: Arrays, local_batch_size: int, *, seed: int, start_step: int = 0,
             random_flip: bool = False) -> Iterator[Arrays]:
-  """Endless local batches of `latent_mean`, `latent_logvar`, `label` from cached arrays.
+  """Endless local batches of `latent_mean`, `latent_logvar`, `label` (and the cached
+  conditioning features) from cached arrays.
 
   Every epoch visits each example once in an order seeded by (seed, epoch, process);
-  with `random_flip` each example's mirrored posterior is taken with probability 1/2.
+  with `random_flip` each example's mirrored posterior is taken with probability 1/2,
+  and its image-shaped features ([n, h, w, c]) are mirrored with it.
   Batch k is a function of k alone, so a run resumed at `start_step` continues the
   exact sequence of an uninterrupted one.
   """
@@ -327,7 +345,14 @@ def batches(arrays: Arrays, local_batch_size: int, *, seed: int, start_step: int
       rows = epoch_of == epoch
       index[rows] = order[positions[rows] % num_examples]
       flipped[rows] = flips[positions[rows] % num_examples]
-    batch = {'label': arrays['label'][index]}
+    batch = {}
+    for key in arrays:
+      if key.startswith('latent_'):
+        continue
+      values = arrays[key][index]
+      if random_flip and values.ndim == 4:  # An image-shaped feature follows the flip.
+        values = np.where(flipped[:, None, None, None], values[:, :, ::-1], values)
+      batch[key] = values
     for key in ('latent_mean', 'latent_logvar'):
       values = arrays[key][index]
       if random_flip:

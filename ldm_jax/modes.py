@@ -74,24 +74,24 @@ def training_hooks(config: ml_collections.ConfigDict, workdir: str, mesh, autoen
   the end), `evaluation.run_evaluation` every `train.eval_every` steps."""
 
   def make_hooks(denoiser, writer):
-    sampler = generate.Sampler(config, mesh, denoiser, autoencoder)
-    vocabulary = conditioning.load_or_build_vocabulary(
-        config, stages.vocabulary_path(workdir), build=True)
-    conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
+    on_images = on_eval = None
+    if config.train.image_every:
+      sampler = generate.Sampler(config, mesh, denoiser, autoencoder)
+      vocabulary = conditioning.load_or_build_vocabulary(
+          config, stages.vocabulary_path(workdir), build=True)
+      conditions, _ = conditioning.sample_conditions(config, vocabulary, sampler.batch_size)
 
-    def on_images(state):
-      images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
-                                   num_samples=sampler.batch_size, conditions=conditions)
-      if writer is not None:
-        writer.image('diffusion/samples', sampler.grid(images), int(state.step))
-        writer.flush()
-
-    def on_eval(state):
-      evaluation.run_evaluation(config, workdir, mesh, denoiser, state, autoencoder, ae_params,
-                                writer)
-
-    return (on_images if config.train.image_every else None,
-            on_eval if config.train.eval_every else None)
+      def write_grid(state):
+        images, _ = sampler.generate(state.ema_params, ae_params, state.scale_factor,
+                                     num_samples=sampler.batch_size, conditions=conditions)
+        if writer is not None:
+          writer.image('diffusion/samples', sampler.grid(images), int(state.step))
+          writer.flush()
+      on_images = write_grid
+    if config.train.eval_every:
+      on_eval = lambda state: evaluation.run_evaluation(
+          config, workdir, mesh, denoiser, state, autoencoder, ae_params, writer)
+    return on_images, on_eval
 
   return make_hooks
 
@@ -192,19 +192,39 @@ def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
     print(f'merged U-Net (step {int(jax.device_get(trained.state.step))}): {path}')
 
 
+def _edit_conditions(config: ml_collections.ConfigDict, workdir: str, batch_size: int,
+                     prompts) -> tuple[dict[str, np.ndarray] | None, bool]:
+  """The conditioner's features of an edit (a prompt's tokens), and whether one was given."""
+  if len(prompts or ()) > 1:
+    raise UserError(f'--mode=edit takes one --prompt, got {len(prompts)}')
+  spec = conditioning.spec(config)
+  if spec.module is not None and not spec.uses_vocabulary:
+    raise UserError(f'--mode=edit conditions on class labels or a text prompt, not on '
+                    f'config.diffusion.conditioning.name={config.diffusion.conditioning.name!r}; '
+                    f"accepted: conditioning.name '', class or text")
+  if spec.module is None and not prompts:
+    return None, False
+  vocabulary = conditioning.load_or_build_vocabulary(
+      config, stages.vocabulary_path(workdir), build=False) if spec.uses_vocabulary else None
+  # No prompt: the empty caption, the text model's unconditional input.
+  conditions, _ = conditioning.sample_conditions(config, vocabulary, batch_size,
+                                                 list(prompts or ('',)))
+  return conditions, bool(prompts)
+
+
 def edit_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
               options: Options) -> tuple[str, str]:
   """Edits `config.edit.input` with the trained models of `workdir` (see `ldm_jax.editing`).
 
+  A text-conditioned model edits towards `options.prompts[0]` when given.
+
   Returns:
     The paths of the PNG grid and the .npz written under WORKDIR/edits/.
   """
-  del options
-  if config.diffusion.conditioning.name:
-    raise UserError(f'--mode=edit conditions on class labels only, not on '
-                    f'config.diffusion.conditioning.name={config.diffusion.conditioning.name!r}; '
-                    f"accepted: conditioning.name=''")
   edit = config.edit
+  num_devices = sharding.num_batch_shards(mesh)
+  batch_size = -(-edit.num_samples // num_devices) * num_devices
+  conditions, prompted = _edit_conditions(config, workdir, batch_size, options.prompts)
   image_size = config.data.image_size
   image = editing.load_image(edit.input, image_size, config.data.num_channels)  # [H, W, C]
   factor = image_size // builders.latent_shape(config)[0]
@@ -217,25 +237,28 @@ def edit_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
   denoiser, state, autoencoder, ae_params = stages.restore_trained(config, workdir, mesh)
   num_classes = denoiser.num_classes
   if edit.class_label >= 0 and not num_classes:
-    raise UserError(f'config.edit.class_label={edit.class_label} but the model is '
-                    f'unconditional; accepted: -1')
+    raise UserError(f'config.edit.class_label={edit.class_label} but the model has no class '
+                    f'labels; accepted: -1')
   if edit.class_label >= num_classes > 0:
     raise UserError(f'config.edit.class_label={edit.class_label} is not a class of '
                     f'{config.data.name!r}; accepted: -1 or 0..{num_classes - 1}')
+  labels = None
+  if num_classes:  # class_label -1 is the null class.
+    label = edit.class_label if edit.class_label >= 0 else denoiser.null_class
+    labels = np.full((batch_size,), label, np.int32)
 
-  num_devices = sharding.num_batch_shards(mesh)
-  batch_size = -(-edit.num_samples // num_devices) * num_devices
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   edit_fn = jax.jit(
-      functools.partial(editing.edit_images, unet=denoiser, autoencoder=autoencoder,
+      functools.partial(generate.edit_images, denoiser=denoiser, autoencoder=autoencoder,
                         edit_config=edit, sample_config=config.sample,
                         prediction_type=config.diffusion.prediction_type,
-                        batch_size=batch_size, batch_sharding=data),
-      in_shardings=(replicated,) * 8, out_shardings=data)
-  denoiser_params, ae_params = sharding.gather((state.ema_params, ae_params), mesh)
-  images = edit_fn(denoiser_params, ae_params, state.scale_factor, image, known_pixels,
+                        batch_size=batch_size, guided=prompted or edit.class_label >= 0,
+                        batch_sharding=data),
+      in_shardings=(replicated,) * 10, out_shardings=data)
+  params, ae_params = sharding.gather((state.ema_params, ae_params), mesh)
+  images = edit_fn(params, ae_params, state.scale_factor, image, known_pixels,
                    known_latents, jax.random.PRNGKey(config.sample.seed),
-                   builders.make_schedule(config))
+                   builders.make_schedule(config), labels, conditions)
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   images = input_pipeline.postprocess(images[:edit.num_samples])
 

@@ -113,9 +113,9 @@ def init_denoiser_params(config: ml_collections.ConfigDict, denoiser: nn.Module,
   """Fresh parameters of the stage-2 model, initialised with its labels and condition."""
   x = jnp.zeros((1, *builders.latent_shape(config)))
   t = jnp.zeros((1,), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
+  y = jnp.zeros((1,), jnp.int32) if denoiser.num_classes else None
   cond = {}
-  if config.diffusion.conditioning.name:
+  if conditioning.has_module(config):
     cond = dict(cond=conditioning.example_batch(config))
   return denoiser.init(rng, x, t, y, **cond)['params']
 
@@ -169,9 +169,9 @@ def autoencoder_setup(config: ml_collections.ConfigDict, mesh) -> StageSetup:
 
 def diffusion_setup(config: ml_collections.ConfigDict, mesh) -> StageSetup:
   """Stage 2's denoiser (with its conditioner), optimizer, lr schedule and abstract state."""
-  denoiser = builders.build_unet(config, builders.num_classes(config))
+  denoiser = builders.build_denoiser(config)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  if config.diffusion.conditioning.name and config.diffusion.conditioning.frozen:
+  if conditioning.has_module(config) and config.diffusion.conditioning.frozen:
     tx = conditioning.freeze_conditioner(tx)
   abstract = _sharded_abstract_state(
       functools.partial(init_diffusion_state, config, denoiser, tx, 1.0), mesh)

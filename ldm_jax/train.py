@@ -46,7 +46,8 @@ MakeHooks = Callable[[nn.Module, object], tuple[StateHook | None, StateHook | No
 def autoencoder_train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                            config: ml_collections.ConfigDict,
                            lr_schedule: optax.Schedule) -> tuple[TrainState, Metrics]:
-  """One AdamW step on reconstruction + kl_weight · KL. `config` is `config.autoencoder`."""
+  """One AdamW step on reconstruction + kl_weight · KL, as `config.autoencoder` says."""
+  config = config.autoencoder
   rng = jax.random.fold_in(state.rng, state.step)  # Resume-safe randomness.
   images = batch['image']  # [B, H, W, C] in [-1, 1]
 
@@ -78,26 +79,28 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_class: int)
 
 
 def diffusion_train_step(state: DiffusionTrainState, batch: Batch,
-                         schedule: diffusion.Schedule, *, unet: nn.Module,
+                         schedule: diffusion.Schedule, *, denoiser: nn.Module,
                          config: ml_collections.ConfigDict,
                          lr_schedule: optax.Schedule) -> tuple[DiffusionTrainState, Metrics]:
-  """One update of the latent diffusion loss. `config` is `config.diffusion`.
+  """One update of the latent diffusion loss, as `config.diffusion` says.
 
   Args:
     state: the stage-2 state.
     batch: the unscaled encoder posterior of a batch, `latent_mean` and
       `latent_logvar` [B, h, w, c], and `label` [B]; from the latent cache or from
       `encode_batch`. A fresh latent mean + std * noise is drawn every step. With a
-      conditioner, also its features (`conditioning.BATCH_KEYS`).
+      conditioner module, also its features (`conditioning.batch_keys`).
     schedule: the noise schedule.
-    unet: the denoiser.
-    config: `config.diffusion`; `grad_accum_steps` splits the batch into that many
-      microbatches, giving the same update as the whole batch at once.
+    denoiser: the stage-2 model (`builders.build_denoiser`).
+    config: the run's config; `diffusion.grad_accum_steps` splits the batch into
+      that many microbatches, giving the same update as the whole batch at once.
     lr_schedule: for the logged learning rate.
 
   Returns:
     (new state, metrics).
   """
+  cond_keys = conditioning.batch_keys(config) if conditioning.has_module(config) else ()
+  config = config.diffusion
   rng = jax.random.fold_in(state.rng, state.step)
   rng_z, rng_t, rng_noise, rng_dropout, rng_drop = jax.random.split(rng, 5)
   # Every per-example draw is made for the whole batch before it is split into
@@ -115,16 +118,14 @@ def diffusion_train_step(state: DiffusionTrainState, batch: Batch,
                                   p2_gamma=config.p2_gamma, p2_k=config.p2_k)
   # One mask for labels and conditioner: a dropped example is fully unconditional.
   drop = conditioning.drop_mask(rng_drop, z0.shape[0], config.cond_drop_prob)
-  labels = jnp.where(drop, unet.num_classes, batch['label']) if config.class_conditional else None
-  cond = {}
-  if config.conditioning.name:
-    cond = dict(cond={k: batch[k] for k in conditioning.BATCH_KEYS[config.conditioning.name]},
-                drop=drop)
+  labels = (jnp.where(drop, denoiser.null_class, batch['label']) if denoiser.num_classes
+            else None)
+  cond = dict(cond={k: batch[k] for k in cond_keys}, drop=drop) if cond_keys else {}
 
   def loss_fn(params, inputs, rng):
     x_t, t, target, weights, labels, cond = inputs
-    output = unet.apply({'params': params}, x_t, t, labels, train=True, rngs={'dropout': rng},
-                        **cond)
+    output = denoiser.apply({'params': params}, x_t, t, labels, train=True,
+                            rngs={'dropout': rng}, **cond)
     loss, _ = losses.diffusion_loss(output, target, weights)  # float32 whatever the dtype.
     return loss
 
@@ -227,7 +228,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   sharding.check_batch_size(config.data.batch_size, mesh)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
-      functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
+      functools.partial(autoencoder_train_step, model=model, config=config,
                         lr_schedule=lr_schedule),
       in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
@@ -384,7 +385,7 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step_fn = jax.jit(
       finetune.with_base(config, functools.partial(
-          diffusion_train_step, config=config.diffusion, lr_schedule=lr_schedule), denoiser),
+          diffusion_train_step, config=config, lr_schedule=lr_schedule), denoiser),
       in_shardings=(state_sharding, data, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)

@@ -6,11 +6,8 @@ only compares the config against them, so a new schedule needs no change here.
 import ml_collections
 
 from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling
-from ldm_jax import sharding, text
-from ldm_jax.models import layers
+from ldm_jax import sharding
 from ldm_jax.errors import UserError
-
-RECONSTRUCTION_LOSSES = ('l1', 'l2')
 
 
 def _one_of(config: ml_collections.ConfigDict, path: str, accepted) -> None:
@@ -41,8 +38,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'data.num_channels', (1, 3))
   for path in ('data.batch_size', 'data.image_size', 'data.shuffle_buffer'):
     _check(config, path, positive, 'a positive integer')
-  _one_of(config, 'autoencoder.model.name', tuple(models.MODELS))
-  _one_of(config, 'autoencoder.reconstruction_loss', RECONSTRUCTION_LOSSES)
+  _one_of(config, 'autoencoder.model.name', tuple(models.AUTOENCODERS))
+  _one_of(config, 'autoencoder.reconstruction_loss', losses.RECONSTRUCTION_LOSSES)
   _check(config, 'autoencoder.kl_weight', lambda v: v >= 0, 'a number >= 0')
   if config.autoencoder.pretrained and config.autoencoder.workdir:
     raise UserError('config.autoencoder.pretrained and config.autoencoder.workdir are both set; '
@@ -50,9 +47,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   factor = builders.downsample_factor(config)
   _check(config, 'data.image_size', lambda v: v % factor == 0,
          f'a multiple of the autoencoder downsampling factor {factor}')
-  _one_of(config, 'diffusion.model.name', tuple(models.MODELS))
+  if 'class_conditional' in config.diffusion:
+    raise UserError('config.diffusion.class_conditional is no longer a field; accepted: '
+                    "config.diffusion.conditioning.name='class' for class labels")
+  _one_of(config, 'diffusion.model.name', tuple(models.DENOISERS))
+  if not config.diffusion.init_from:
+    _validate_denoiser(config)
   _one_of(config, 'diffusion.schedule', diffusion.SCHEDULES)
   _one_of(config, 'diffusion.prediction_type', diffusion.PREDICTION_TYPES)
+  if config.diffusion.rescale_zero_terminal_snr and config.diffusion.prediction_type == 'eps':
+    raise UserError('config.diffusion.rescale_zero_terminal_snr=True is not valid with '
+                    "prediction_type='eps' (at SNR 0 the noise says nothing about x0); "
+                    'accepted: prediction_type v or x0, or False')
   _one_of(config, 'diffusion.loss_weighting', losses.LOSS_WEIGHTINGS)
   _check(config, 'diffusion.num_timesteps', lambda v: isinstance(v, int) and v >= 2,
          'an integer >= 2')
@@ -65,8 +71,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(config, path, lambda v: v > 0, 'a positive number')
   _check(config, 'diffusion.p2_gamma', lambda v: v >= 0, 'a number >= 0')
   _validate_lora(config)
-  _check(config, 'diffusion.model.remat', lambda v: v in layers.REMAT_POLICIES,
-         ', '.join(map(repr, layers.REMAT_POLICIES)))
   _check(config, 'diffusion.grad_accum_steps', positive, 'a positive integer')
   _check(config, 'data.batch_size', lambda v: v % config.diffusion.grad_accum_steps == 0,
          f'a multiple of diffusion.grad_accum_steps={config.diffusion.grad_accum_steps}')
@@ -103,54 +107,34 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, 'sample.guidance_scale', lambda v: v >= 0, 'a number >= 0 (1 = no guidance)')
   _check(config, 'sample.class_label', lambda v: isinstance(v, int) and v >= -1,
          '-1 (every class) or a class index')
-  if (config.sample.guidance_scale != 1 and not config.diffusion.class_conditional
-      and not config.diffusion.conditioning.name):
+  if config.sample.guidance_scale != 1 and not config.diffusion.conditioning.name:
     raise UserError('config.sample.guidance_scale needs a conditional model '
-                    '(config.diffusion.class_conditional=True or '
-                    'config.diffusion.conditioning.name set); accepted: 1.0 here')
+                    '(config.diffusion.conditioning.name set); accepted: 1.0 here')
   _validate_conditioning(config)
   for path in ('sample.num_samples', 'sample.batch_size'):
     _check(config, path, positive, 'a positive integer')
 
 
+def _validate_denoiser(config: ml_collections.ConfigDict) -> None:
+  """The backbone's own checks of its fields (see `ldm_jax.models.denoiser`)."""
+  model = config.diffusion.model
+  fields = {k: v for k, v in model.items() if k != 'name'}
+  try:
+    models.check_denoiser_fields(model.name, fields, builders.latent_shape(config)[0])
+  except models.FieldError as e:
+    raise UserError(f'config.diffusion.model.{e.field}={e.value!r} is not valid; '
+                    f'accepted: {e.accepted}') from e
+  except ValueError as e:
+    raise UserError(f'config.diffusion.model: {e}') from e
+
+
 def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
-  positive = lambda v: isinstance(v, int) and v > 0
-  c = config.diffusion.conditioning
-  _one_of(config, 'diffusion.conditioning.name', conditioning.NAMES)
-  if c.name not in ('', 'class') and config.diffusion.cache_latents:
-    raise UserError(f'config.diffusion.cache_latents=True keeps latents and labels only, not '
-                    f'the features of conditioning.name={c.name!r}; accepted: False here')
-  if c.name and config.diffusion.init_from:
-    raise UserError(f'config.diffusion.conditioning.name={c.name!r} cannot start from '
+  name = config.diffusion.conditioning.name
+  conditioning.check(config)
+  if conditioning.has_module(config) and config.diffusion.init_from:
+    raise UserError(f'config.diffusion.conditioning.name={name!r} cannot start from '
                     f'config.diffusion.init_from (a diffusers UNet2DModel has no conditioner); '
                     f'accepted: init_from=\'\' with a conditioner')
-  _check(config, 'diffusion.model.transformer_depth', positive, 'a positive integer')
-  if conditioning.uses_context(config):
-    _check(config, 'diffusion.model.context_dim', positive,
-           f'a positive integer (the context width) for conditioning.name={c.name}')
-  else:
-    _check(config, 'diffusion.model.context_dim', lambda v: v == 0,
-           f'0 for conditioning.name={c.name!r} (no context); a context needs '
-           f'name class, text or precomputed')
-  if c.name == 'text':
-    _check(config, 'diffusion.conditioning.text.caption_key', lambda v: isinstance(v, str) and v,
-           'the name of a TFDS text feature')
-    _check(config, 'diffusion.conditioning.text.vocab_size',
-           lambda v: isinstance(v, int) and v > len(text.SPECIAL_TOKENS),
-           f'an integer > {len(text.SPECIAL_TOKENS)} (the special tokens)')
-    _check(config, 'diffusion.conditioning.text.max_length', lambda v: isinstance(v, int) and v >= 2,
-           'an integer >= 2 ([CLS] and at least one word)')
-    _check(config, 'diffusion.conditioning.text.num_layers', positive, 'a positive integer')
-    _check(config, 'diffusion.conditioning.text.num_heads',
-           lambda v: positive(v) and config.diffusion.model.context_dim % v == 0,
-           f'a positive divisor of diffusion.model.context_dim={config.diffusion.model.context_dim}')
-  if c.name == 'precomputed':
-    _check(config, 'diffusion.conditioning.precomputed.context_key',
-           lambda v: isinstance(v, str) and v, 'the name of a TFDS feature [L, context_dim]')
-  if c.name == 'concat':
-    _check(config, 'diffusion.conditioning.concat.factor',
-           lambda v: positive(v) and config.data.image_size % v == 0,
-           f'a positive divisor of data.image_size={config.data.image_size}')
 
 
 def _validate_lora(config: ml_collections.ConfigDict) -> None:

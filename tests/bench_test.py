@@ -19,7 +19,7 @@ def test_bench_unet32_matches_its_specification():
 
   config = bench_unet32.get_config()
   assert builders.latent_shape(config) == (32, 32, 4)
-  unet = builders.build_unet(config, 0)
+  unet = builders.build_denoiser(config, 0)
   params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 4)),
                           jnp.zeros((1,)))['params']
   assert models.count_params(params) == 6_804_868
@@ -61,3 +61,17 @@ def test_train_benchmark_prints_a_parsable_result(tiny_config, capsys):
   assert 2 < result['train_flops_per_image'] / per_call < 4.5
   assert any('MFU' in line for line in lines)
   assert float(train_img_per_s) == pytest.approx(result['train_img_per_s'], rel=1e-3)
+
+
+def test_a_conditioned_denoiser_is_initialized_with_its_condition():
+  from configs import digits_text
+  from ldm_jax import builders
+
+  config = digits_text.get_config()
+  config.diffusion.model.update(base_channels=8, num_res_blocks=1, num_heads=2,
+                                norm_num_groups=4, context_dim=8)
+  config.diffusion.conditioning.text.update(num_layers=1, num_heads=2)
+  denoiser = bench._denoiser(config, num_classes=10)
+  _, params = bench._init_params(config, builders.build_autoencoder(config), denoiser)
+  assert set(params) == {'denoiser', 'conditioner'}
+  assert 'token_embedding' in params['conditioner']

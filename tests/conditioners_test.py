@@ -1,5 +1,6 @@
 """Tests for conditioning: tokenizer, captions, conditioners, dropout, guidance, training."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from PIL import Image
 from configs import coco_text2img, digits_superres, digits_text, imagenet_sr4x
 from ldm_jax import builders, conditioning, generate, input_pipeline, optim, sampling
 from ldm_jax import stages
-from ldm_jax import modes, sharding, superres, text, train
+from ldm_jax import latent_cache, modes, sharding, superres, text, train
 from ldm_jax.datasets import digits_captions
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
@@ -116,14 +117,6 @@ def _encode(module, batch, drop):
   return params, module.apply(params, batch, drop)
 
 
-def test_class_context_null_is_the_extra_row():
-  module = conditioners.ClassContext(num_classes=3, context_dim=4)
-  params, out = _encode(module, {'label': jnp.array([0, 2, 1])}, jnp.array([False, False, True]))
-  table = params['params']['embedding']['embedding']
-  np.testing.assert_array_equal(out['context'][:, 0], table[jnp.array([0, 2, 3])])
-  assert out['context'].shape == (3, 1, 4) and bool(out['context_mask'].all())
-
-
 def test_text_encoder_null_is_the_empty_caption_and_rows_are_independent():
   module = conditioners.TextEncoder(vocab_size=10, max_length=5, context_dim=8, num_heads=2)
   tokens = jnp.array([[1, 4, 5, 0, 0], [1, 6, 0, 0, 0], [1, 7, 8, 9, 4]])
@@ -200,6 +193,7 @@ def _configs(data_dir):
   class_config = _text_config(data_dir)
   class_config.data.name = 'digits'
   class_config.diffusion.conditioning.name = 'class'
+  class_config.diffusion.model.context_dim = 0  # Labels are the denoiser's own embedding.
   precomputed = _text_config(data_dir)
   precomputed.diffusion.conditioning.name = 'precomputed'
   concat = _tiny(digits_superres.get_config())
@@ -222,7 +216,7 @@ def _batch(config, vocabulary):
     context[:, 2:] = 0.0  # Padding.
     batch['context'] = context.astype(np.float32)
   else:
-    batch.update({k: examples[k] for k in conditioning.BATCH_KEYS[name]})
+    batch.update({k: examples[k] for k in conditioning.batch_keys(config)})
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -231,12 +225,13 @@ def setups(captions_data_dir, tmp_path_factory):
   """Per conditioner: (config, model, ae, ae_params, vocabulary, batch)."""
   configs = _configs(captions_data_dir)
   workdir = str(tmp_path_factory.mktemp('text_run'))
-  vocabulary = conditioning.load_or_build_vocabulary(configs['text'], workdir, build=True)
+  vocabulary = conditioning.load_or_build_vocabulary(
+      configs['text'], stages.vocabulary_path(workdir), build=True)
   autoencoder = builders.build_autoencoder(configs['text'])
   ae_params = jax.jit(autoencoder.init)(_key(0), jnp.zeros((1, 32, 32, 1)))['params']
   out = {}
   for name, config in configs.items():
-    model = builders.build_unet(config, builders.num_classes(config))
+    model = builders.build_denoiser(config)
     out[name] = (config, model, autoencoder, ae_params, vocabulary, _batch(config, vocabulary))
   return out
 
@@ -274,7 +269,7 @@ def _randomized(params, seed: int, scale: float = 0.2):
 @pytest.mark.parametrize('name', ['text', 'concat'])
 def test_guidance_over_conditions(setups, name):
   config, model, _, _, _, batch = setups[name]
-  features = {k: batch[k] for k in conditioning.BATCH_KEYS[name]}
+  features = {k: batch[k] for k in conditioning.batch_keys(config)}
   shape = (8, *builders.latent_shape(config))
   x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
   t = jnp.linspace(0.0, 900.0, 8)
@@ -292,12 +287,12 @@ def test_guidance_over_conditions(setups, name):
 
 
 def test_frozen_conditioner_gets_no_update():
-  params = {'unet': {'w': jnp.ones((2, 3))}, 'conditioner': {'embedding': jnp.ones((4,))}}
+  params = {'denoiser': {'w': jnp.ones((2, 3))}, 'conditioner': {'embedding': jnp.ones((4,))}}
   tx = conditioning.freeze_conditioner(optax.adamw(0.1, weight_decay=0.5))
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates['conditioner']['embedding'], 0.0)
-  assert float(jnp.abs(updates['unet']['w']).min()) > 0.05
+  assert float(jnp.abs(updates['denoiser']['w']).min()) > 0.05
 
 
 @pytest.mark.parametrize('name', ['class', 'text', 'precomputed', 'concat'])
@@ -306,11 +301,11 @@ def test_each_conditioner_trains(setups, name):
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
   state = jax.jit(functools.partial(stages.init_diffusion_state, config, model, tx))(1.0)
   step = jax.jit(functools.partial(
-      train.diffusion_train_step, unet=model, config=config.diffusion, lr_schedule=lr_schedule))
+      train.diffusion_train_step, denoiser=model, config=config, lr_schedule=lr_schedule))
   schedule = builders.make_schedule(config)
   # The encoder posterior with the conditioning features passed through.
   batch = jax.jit(functools.partial(train.encode_batch, autoencoder=autoencoder))(ae_params, batch)
-  assert set(conditioning.BATCH_KEYS[name]) <= set(batch)
+  assert set(conditioning.batch_keys(config)) <= set(batch)
   initial = state.params.get('conditioner', {})
   losses = []
   for _ in range(config.diffusion.num_train_steps):
@@ -319,8 +314,8 @@ def test_each_conditioner_trains(setups, name):
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
   changes = [float(jnp.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(initial), jax.tree.leaves(state.params.get('conditioner', {})))]
-  if name == 'concat':
-    assert not changes  # Resizing has no parameters.
+  if name in ('class', 'concat'):
+    assert not changes  # Labels are embedded by the denoiser; resizing has no parameters.
   else:
     assert max(changes) > 0.0  # Trained jointly with the U-Net.
 
@@ -364,8 +359,6 @@ def test_conditioning_configs_validate(module):
     (dict(name='concat', context_dim=8), 'context_dim=8 .*0 for conditioning.name'),
     (dict(name='text', context_dim=8, num_heads=3), 'num_heads=3 .*divisor of .*context_dim=8'),
     (dict(name='concat', context_dim=0, factor=5), 'factor=5 .*divisor of data.image_size=32'),
-    (dict(name='text', context_dim=8, cache_latents=True),
-     "cache_latents=True keeps latents and labels only.*conditioning.name='text'"),
 ])
 def test_bad_conditioning_is_one_line(override, message):
   config = digits_text.get_config()
@@ -381,11 +374,32 @@ def test_bad_conditioning_is_one_line(override, message):
     validate_config(config)
 
 
+def test_latent_cache_keeps_the_conditioning_features(setups, tmp_path):
+  config, _, autoencoder, ae_params, vocabulary, batch = setups['text']
+  config = config.copy_and_resolve_references()
+  config.data.train_split = 'test[:16]'  # The examples of `batch` first, in order.
+  config.diffusion.cache_latents = True
+  validate_config(config)
+  workdir = str(tmp_path)
+  os.makedirs(os.path.dirname(stages.vocabulary_path(workdir)))
+  vocabulary.save(stages.vocabulary_path(workdir))
+  directory = latent_cache.build(config, workdir, sharding.make_mesh(), autoencoder, ae_params)
+  arrays = latent_cache.load(directory)
+  np.testing.assert_array_equal(arrays['tokens'][:8], batch['tokens'])
+  np.testing.assert_array_equal(arrays['label'][:8], batch['label'])
+  first = next(latent_cache.batches(arrays, 8, seed=0))
+  assert set(first) == {'latent_mean', 'latent_logvar', 'label', 'tokens'}
+  # Rows stay together: each batch row's tokens are those of its label's example.
+  rows = [int(np.flatnonzero((arrays['latent_mean'] == m).all(axis=(1, 2, 3)))[0])
+          for m in first['latent_mean']]
+  np.testing.assert_array_equal(first['tokens'], arrays['tokens'][rows])
+
+
 def test_edit_mode_refuses_a_conditioner(tmp_path):
   config = digits_superres.get_config()
   config.edit.update(task='img2img', input=str(tmp_path / 'image.png'))
-  with pytest.raises(UserError, match="--mode=edit conditions on class labels only, not on "
-                                      "config.diffusion.conditioning.name='concat'"):
+  with pytest.raises(UserError, match="--mode=edit conditions on class labels or a text prompt, "
+                                      "not on config.diffusion.conditioning.name='concat'"):
     modes.run('edit', config, str(tmp_path))
 
 
@@ -434,3 +448,12 @@ def test_text_run_end_to_end(captions_data_dir, tmp_path):
   assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)  # One row per prompt.
   with pytest.raises(UserError, match="unknown word\\(s\\) 'fat'"):
     modes.run('sample', config, workdir, modes.Options(prompts=('a fat three',)))
+  # img2img of a sample towards a prompt.
+  image = np.load(tmp_path / 'samples' / 'samples_2.npz')['images'][0, ..., 0]
+  Image.fromarray(image).save(tmp_path / 'input.png')
+  config.edit.update(task='img2img', input=str(tmp_path / 'input.png'), num_samples=2,
+                     strength=0.5)
+  png, npz = modes.run('edit', config, workdir, modes.Options(prompts=('a thick three',)))
+  assert np.load(npz)['images'].shape == (2, 32, 32, 1)
+  with pytest.raises(UserError, match='--mode=edit takes one --prompt, got 2'):
+    modes.run('edit', config, workdir, modes.Options(prompts=('a two', 'a three')))

@@ -29,13 +29,12 @@ def test_config_validates_and_builds(path):
   recon = jax.eval_shape(lambda p, x: autoencoder.apply(p, x)[0], ae_params, image)
   assert recon.shape == image.shape
 
-  num_classes = 10 if config.diffusion.class_conditional else 0
-  unet = builders.build_unet(config, num_classes)
+  unet = builders.build_denoiser(config, 10 if conditioning.spec(config).denoiser_labels else 0)
   latents = jax.ShapeDtypeStruct((1, *builders.latent_shape(config)), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   y = jax.ShapeDtypeStruct((1,), jnp.int32)
   # A conditioned model also takes its conditioner's features.
-  cond = dict(cond=conditioning.example_batch(config)) if config.diffusion.conditioning.name else {}
+  cond = dict(cond=conditioning.example_batch(config)) if conditioning.has_module(config) else {}
   unet_params = jax.eval_shape(lambda x, t, y: unet.init(jax.random.PRNGKey(0), x, t, y, **cond),
                                latents, t, y)
   out = jax.eval_shape(lambda p, x, t, y: unet.apply(p, x, t, y, **cond), unet_params, latents,

@@ -9,6 +9,23 @@ from ldm_jax import evaluation
 # ------------------------------------------------------------ Fréchet distance
 
 
+def test_eval_batches_split_over_data_and_fsdp():
+  import jax
+
+  from configs import default
+  from ldm_jax import sharding
+
+  config = default.get_config()
+  config.eval.batch_size = 6  # Rounded up to 8: the batch splits over data=2 x fsdp=4.
+  mesh = sharding.make_mesh(mesh_shape=dict(data=2, fsdp=4))
+  batch_size = evaluation._eval_batch_size(config, mesh)
+  assert batch_size == 8
+  images = np.random.default_rng(0).random((10, 4, 4, 1)).astype(np.float32)
+  out = evaluation.map_images(jax.jit(lambda x: {'sum': x.sum(axis=(1, 2, 3))}), images, mesh,
+                              batch_size)
+  np.testing.assert_allclose(out['sum'], images.sum(axis=(1, 2, 3)), rtol=1e-6)
+
+
 def test_frechet_distance_of_a_sample_with_itself_is_zero():
   features = np.random.default_rng(0).normal(size=(500, 16)) @ np.diag(np.arange(1, 17.0))
   assert abs(evaluation.frechet_distance_of(features, features)) < 1e-8

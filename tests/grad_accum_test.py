@@ -38,7 +38,7 @@ def tiny():
 
   config = tiny.get_config()
   config.diffusion.prediction_type = 'x0'  # Closed form below: the loss at init is E[z0^2].
-  unet = builders.build_unet(config, num_classes=10)
+  unet = builders.build_denoiser(config, 10)
   mesh = sharding.make_mesh()  # 8 devices: microbatches of 8 stay sharded.
   # Plain SGD: the update is the gradient itself, so equal parameters mean equal
   # gradients (Adam would turn rounding noise in the exactly-zero gradients, such as
@@ -51,7 +51,7 @@ def tiny():
     diffusion_config = config.diffusion.copy_and_resolve_references()
     diffusion_config.grad_accum_steps = grad_accum_steps
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-    return jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
+    return jax.jit(functools.partial(train.diffusion_train_step, denoiser=unet,
                                      config=diffusion_config, lr_schedule=lr),
                    in_shardings=(replicated, data, replicated),
                    out_shardings=(replicated, replicated))

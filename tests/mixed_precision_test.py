@@ -52,12 +52,12 @@ def test_bfloat16_keeps_float32_params_and_its_loss_falls(digits_data_dir):
   config = tiny.get_config()
   config.diffusion.compute_dtype = 'bfloat16'
   config.diffusion.class_conditional = False
-  unet = builders.build_unet(config, num_classes=0)
+  unet = builders.build_denoiser(config, 0)
   mesh = sharding.make_mesh(jax.devices()[:1])
   tx, lr = optim.make_optimizer(config.diffusion.optim, 100)
   state = jax.jit(functools.partial(stages.init_diffusion_state, config, unet, tx, 1.0))()
-  step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
-                                   config=config.diffusion, lr_schedule=lr))
+  step = jax.jit(functools.partial(train.diffusion_train_step, denoiser=unet,
+                                   config=config, lr_schedule=lr))
   schedule = builders.make_schedule(config)
   shape = (8, *builders.latent_shape(config))
   z0 = jax.random.normal(jax.random.PRNGKey(0), shape)

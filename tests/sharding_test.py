@@ -29,7 +29,7 @@ def setup(digits_data_dir):
   config.autoencoder.model.mid_block_attention = False
   config.diffusion.model.update(channel_mult=(1,), attention_resolutions=(8,))
   autoencoder = builders.build_autoencoder(config)
-  unet = builders.build_unet(config, num_classes=10)
+  unet = builders.build_denoiser(config, 10)
   ae_tx, _ = optim.make_optimizer(config.autoencoder.optim, 100)
   ae_state = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, ae_tx))()
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=True, seed=0)
@@ -60,8 +60,8 @@ def diffusion(setup):
                      out_shardings=state_sharding)
       encode = jax.jit(functools.partial(train.encode_batch, autoencoder=autoencoder),
                        out_shardings=data)
-      train_step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
-                                             config=config.diffusion, lr_schedule=lr),
+      train_step = jax.jit(functools.partial(train.diffusion_train_step, denoiser=unet,
+                                             config=config, lr_schedule=lr),
                            in_shardings=(state_sharding, data, replicated),
                            out_shardings=(state_sharding, replicated))
 
@@ -196,7 +196,7 @@ def test_autoencoder_step_on_2x4_equals_one_device(setup):
     init = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, tx),
                    out_shardings=state_sharding)
     step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
-                                     config=config.autoencoder, lr_schedule=lr),
+                                     config=config, lr_schedule=lr),
                    in_shardings=(state_sharding, sharding.data_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)))
     state, metrics = step(init(), sharding.global_batch(batch, mesh))

@@ -25,7 +25,7 @@ def setup(digits_data_dir):
   config = tiny.get_config()
   config.data.data_dir = digits_data_dir
   autoencoder = builders.build_autoencoder(config)
-  unet = builders.build_unet(config, num_classes=10)
+  unet = builders.build_denoiser(config, 10)
   ae_tx, ae_lr = optim.make_optimizer(config.autoencoder.optim, 100)
   ae_state = jax.jit(functools.partial(stages.init_autoencoder_state, config, autoencoder, ae_tx))()
   return config, autoencoder, unet, ae_state, ae_lr, _first_batch(config)
@@ -34,8 +34,8 @@ def setup(digits_data_dir):
 def _diffusion_step(config, unet, mesh, num_train_steps=100):
   tx, lr = optim.make_optimizer(config.diffusion.optim, num_train_steps)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step = jax.jit(functools.partial(train.diffusion_train_step, unet=unet,
-                                   config=config.diffusion, lr_schedule=lr),
+  step = jax.jit(functools.partial(train.diffusion_train_step, denoiser=unet,
+                                   config=config, lr_schedule=lr),
                  in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated))
   return tx, step
@@ -56,7 +56,7 @@ def test_autoencoder_reconstruction_improves(setup):
   mesh = sharding.make_mesh(jax.devices()[:1])  # Fast; sharding is tested below.
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
-                                   config=config.autoencoder, lr_schedule=lr),
+                                   config=config, lr_schedule=lr),
                  in_shardings=(replicated, data), out_shardings=(replicated, replicated))
   batch = sharding.global_batch(batch, mesh)
   losses_seen = []
@@ -146,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
   config, autoencoder, _, state, lr, batch = setup
   mesh = sharding.make_mesh(jax.devices()[:1])
   step = jax.jit(functools.partial(train.autoencoder_train_step, model=autoencoder,
-                                   config=config.autoencoder, lr_schedule=lr))
+                                   config=config, lr_schedule=lr))
 
   def poisoned_step(state, batch):  # The loss turns NaN from the 4th step on.
     state, metrics = step(state, batch)

@@ -28,6 +28,10 @@ def test_default_config_is_valid():
     ('diffusion.compute_dtype', 'float16', 'float32, bfloat16'),
     ('autoencoder.compute_dtype', 'bf16', 'float32, bfloat16'),
     ('diffusion.model.remat', 'all', "'', 'full', 'dots_saveable'"),
+    ('diffusion.model.name', 'vit', 'unet'),
+    # The 8x8 latents of the default config give 8x8 and 4x4 feature maps only.
+    ('diffusion.model.attention_resolutions', (4, 3), '(8, 4) for 8x8 latents; 3 never occur'),
+    ('diffusion.rescale_zero_terminal_snr', True, 'prediction_type v or x0'),
     ('diffusion.grad_accum_steps', 0, 'a positive integer'),
     ('diffusion.optim.grad_clip_norm', -1.0, '0 = none'),
 ])

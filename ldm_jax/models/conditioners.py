@@ -1,20 +1,22 @@
-"""Conditioners: what the latent U-Net is conditioned on, as in the LDM paper.
+"""Conditioners: what the latent denoiser is conditioned on, as in the LDM paper.
 
 A conditioner maps the conditioning features of a batch (a dict of arrays, the
 batch's own keys below) and a [B] bool `drop` mask to keyword arguments of the
-U-Net: a cross-attention `context` [B, S, D] with its `context_mask` [B, S], or a
+denoiser: a cross-attention `context` [B, S, D] with its `context_mask` [B, S], or a
 spatial `concat` [B, h, w, C'] stacked onto the latents. Where `drop` is True the
 example gets the conditioner's null condition, the unconditional branch of
 classifier-free guidance (Ho & Salimans 2022):
 
   name         batch keys                    null condition
-  class        label [B] int32               the learned null-class embedding
   text         tokens [B, L] int32           the empty caption ([CLS] + padding)
   precomputed  context [B, L, D] float32     one learned null token
   concat       cond_image [B, h', w', C]     a zero image, flag channel 0
 
-`ConditionedUNet` pairs a conditioner with the U-Net so that both live in one
-parameter tree, {'unet': ..., 'conditioner': ...}, trained (and EMA-averaged,
+(Class labels need no module: the denoiser embeds them, with its own null class.)
+`ldm_jax.conditioning.CONDITIONERS` says how each is configured and fed.
+
+`ConditionedDenoiser` pairs a conditioner with the denoiser so that both live in one
+parameter tree, {'denoiser': ..., 'conditioner': ...}, trained (and EMA-averaged,
 checkpointed) together.
 """
 import flax.linen as nn
@@ -32,25 +34,6 @@ def _drop_rows(drop: jax.Array, value: jax.Array, null: jax.Array) -> jax.Array:
   """value [B, ...] with the rows where drop [B] is True replaced by null [...]."""
   drop = drop.reshape(drop.shape + (1,) * (value.ndim - 1))
   return jnp.where(drop, null, value)
-
-
-class ClassContext(nn.Module):
-  """A class label as a length-1 context: one embedding row per class + the null class.
-
-  Attributes:
-    num_classes: labels 0..num_classes-1; row num_classes is the null class.
-    context_dim: embedding width.
-  """
-
-  num_classes: int
-  context_dim: int
-
-  @nn.compact
-  def __call__(self, batch: Batch, drop: jax.Array, *, train: bool = False) -> Encoded:
-    del train
-    labels = _drop_rows(drop, batch['label'].astype(jnp.int32), jnp.int32(self.num_classes))
-    context = nn.Embed(self.num_classes + 1, self.context_dim, name='embedding')(labels)
-    return {'context': context[:, None], 'context_mask': jnp.ones(labels.shape + (1,), bool)}
 
 
 class TextEncoderLayer(nn.Module):
@@ -169,35 +152,32 @@ class ConcatCondition(nn.Module):
     return {'concat': _drop_rows(drop, concat, jnp.float32(0.0))}
 
 
-CONDITIONERS: dict[str, type[nn.Module]] = {
-    'class': ClassContext,
-    'text': TextEncoder,
-    'precomputed': PrecomputedContext,
-    'concat': ConcatCondition,
-}
-
-
-class ConditionedUNet(nn.Module):
-  """A U-Net and its conditioner as one model (params {'unet', 'conditioner'}).
+class ConditionedDenoiser(nn.Module):
+  """A denoiser and its conditioner as one model (params {'denoiser', 'conditioner'}).
 
   Attributes:
-    unet: the denoiser; its `context_dim` must match a context conditioner.
-    conditioner: one of `CONDITIONERS`.
+    denoiser: a `ldm_jax.models.denoiser.Denoiser`; its `context_dim` must match a
+      context conditioner.
+    conditioner: a conditioner module of this file.
   """
 
-  unet: nn.Module
+  denoiser: nn.Module
   conditioner: nn.Module
 
   @property
   def num_classes(self) -> int:
-    return self.unet.num_classes
+    return self.denoiser.num_classes
 
   @property
   def null_class(self) -> int:
-    return self.unet.null_class
+    return self.denoiser.null_class
+
+  @property
+  def context_dim(self) -> int:
+    return self.denoiser.context_dim
 
   def encode(self, cond: Batch, drop: jax.Array, *, train: bool = False) -> Encoded:
-    """The conditioner's U-Net inputs for `cond`; the null condition where `drop`."""
+    """The conditioner's denoiser inputs for `cond`; the null condition where `drop`."""
     return self.conditioner(cond, drop, train=train)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
@@ -208,7 +188,7 @@ class ConditionedUNet(nn.Module):
     Args:
       x: [B, h, w, c] noisy latents.
       t: [B] timesteps.
-      y: [B] labels for the U-Net's own class embedding (see `UNet`).
+      y: [B] labels for the denoiser's own class embedding.
       cond: conditioning features (see the module docstring); encoded here.
       drop: [B] bool, null condition where True; None = keep every condition.
       encoded: the output of `encode`, instead of cond (encode once, sample many).
@@ -219,11 +199,11 @@ class ConditionedUNet(nn.Module):
     """
     if encoded is None:
       if cond is None:
-        raise ValueError('ConditionedUNet needs cond or encoded')
+        raise ValueError('ConditionedDenoiser needs cond or encoded')
       if drop is None:
         drop = jnp.zeros((x.shape[0],), bool)
       encoded = self.encode(cond, drop, train=train)
     if 'concat' in encoded:
       x = jnp.concatenate([x, encoded['concat'].astype(x.dtype)], axis=-1)
-    return self.unet(x, t, y, train=train, context=encoded.get('context'),
+    return self.denoiser(x, t, y, train=train, context=encoded.get('context'),
                      context_mask=encoded.get('context_mask'))

@@ -1,12 +1,15 @@
 """Denoising U-Net for latents (DDPM / ADM layout, diffusers `UNet2DModel` names)."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.denoiser import FieldError
 from ldm_jax.models.layers import (
+    REMAT_POLICIES,
     Dtype,
     DownBlock,
     MidBlock,
@@ -203,3 +206,36 @@ class UNet(nn.Module):
         dtype=self.dtype,
         name='conv_out',
     )(h).astype(jnp.float32)
+
+
+def check_fields(fields: Mapping[str, Any], latent_size: int) -> None:
+  """Checks `UNet` config fields (without the derived ones) for latents of side `latent_size`.
+
+  Raises:
+    FieldError: naming the first field that cannot work, e.g. an
+      `attention_resolutions` entry that is no feature-map size of this U-Net.
+  """
+  positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  channel_mult = tuple(fields.get('channel_mult', ()))
+  if not channel_mult or not all(positive(m) for m in channel_mult):
+    raise FieldError('channel_mult', channel_mult, 'a non-empty tuple of positive integers')
+  for name in ('base_channels', 'num_res_blocks', 'num_heads', 'transformer_depth'):
+    if name in fields and not positive(fields[name]):
+      raise FieldError(name, fields[name], 'a positive integer')
+  remat = fields.get('remat', '')
+  if remat not in REMAT_POLICIES:
+    raise FieldError('remat', remat, ', '.join(map(repr, REMAT_POLICIES)))
+  factor = 2 ** (len(channel_mult) - 1)
+  if latent_size % factor:
+    raise FieldError('channel_mult', channel_mult,
+                     f'at most as many levels as halve the {latent_size}x{latent_size} latents '
+                     f'evenly ({len(channel_mult)} levels need a multiple of {factor})')
+  if fields.get('attention_levels') is None:
+    occurring = tuple(latent_size // 2 ** i for i in range(len(channel_mult)))
+    requested = tuple(fields.get('attention_resolutions', ()))
+    missing = [r for r in requested if r not in occurring]
+    if missing:
+      raise FieldError('attention_resolutions', requested,
+                       f'feature-map sizes that occur in this U-Net, {occurring} for '
+                       f'{latent_size}x{latent_size} latents; '
+                       f'{", ".join(map(str, missing))} never occur')
