@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from ldm_jax import evaluation, stages
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -63,11 +64,11 @@ class Run:
 
   @property
   def metrics_path(self) -> str:
-    return os.path.join(self.workdir, 'eval', f'metrics_{self.num_train_steps}.json')
+    return stages.metrics_path(self.workdir, self.num_train_steps)
 
   @property
   def trained(self) -> bool:
-    return os.path.isdir(os.path.join(self.workdir, 'diffusion', 'checkpoints',
+    return os.path.isdir(os.path.join(stages.checkpoint_dir(self.workdir, 'diffusion'),
                                       str(self.num_train_steps)))
 
 
@@ -142,7 +143,8 @@ def autoencoder_command(sweep: dict[str, Any], root: str) -> tuple[str, ...]:
 
 def autoencoder_trained(sweep: dict[str, Any], root: str) -> bool:
   steps = _config_with(sweep['config'], sweep['overrides']).autoencoder.num_train_steps
-  return os.path.isdir(os.path.join(root, 'autoencoder', 'autoencoder', 'checkpoints', str(steps)))
+  return os.path.isdir(os.path.join(
+      stages.checkpoint_dir(os.path.join(root, 'autoencoder'), 'autoencoder'), str(steps)))
 
 
 def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run]:
@@ -225,7 +227,8 @@ def loss_curve(workdir: str, tag: str = 'train/loss') -> tuple[np.ndarray, np.nd
   import tensorflow as tf  # Only to read event files.
 
   points = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'diffusion', 'tensorboard', 'events.*'))):
+  for path in sorted(glob.glob(os.path.join(stages.tensorboard_dir(workdir, 'diffusion'),
+                                            'events.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == tag:
@@ -255,9 +258,6 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
 # Shown in the table but never ranked: costs, and losses that are not comparable
 # across parameterizations (an eps loss and a v loss measure different targets).
 INFO_COLUMNS = ('final_loss', 'train_seconds', 'eval_seconds', 'classifier_test_accuracy')
-# Sample-quality metrics first, then the autoencoder's, then everything else.
-_FIRST = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid', 'kid_std',
-          'ae_psnr', 'ae_ssim', 'ae_fd_classifier')
 
 
 def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> list[str]:
@@ -268,7 +268,8 @@ def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> lis
   metrics = [k for k in seen if k not in ('variant', 'seed', 'step', 'num_samples')
              and not k.startswith('sample_') and not k.endswith('_real')
              and k not in INFO_COLUMNS]
-  metrics.sort(key=lambda k: _FIRST.index(k) if k in _FIRST else len(_FIRST))
+  order = evaluation.REPORT_ORDER  # Sample quality, then the autoencoder's, then the rest.
+  metrics.sort(key=lambda k: order.index(k) if k in order else len(order))
   return metrics + ([k for k in INFO_COLUMNS if k in seen] if info else [])
 
 

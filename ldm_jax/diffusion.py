@@ -292,7 +292,8 @@ def eps_from_v(s: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.A
   return jnp.sqrt(1.0 - abar) * x_t + jnp.sqrt(abar) * v
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
+  """Raises ValueError naming the accepted types for an unknown `prediction_type`."""
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"unknown prediction type '{prediction_type}'; accepted: "
                      f"{', '.join(PREDICTION_TYPES)}")
@@ -315,7 +316,7 @@ def training_target(s: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
   Raises:
     ValueError: for an unknown prediction type.
   """
-  _check_prediction_type(prediction_type)
+  check_prediction_type(prediction_type)
   if prediction_type == 'eps':
     return noise
   if prediction_type == 'x0':
@@ -343,7 +344,7 @@ def model_output_to_x0_eps(s: Schedule, x_t: jax.Array, t: jax.Array, output: ja
   Raises:
     ValueError: for an unknown prediction type.
   """
-  _check_prediction_type(prediction_type)
+  check_prediction_type(prediction_type)
   if prediction_type == 'eps':
     return x0_from_eps(s, x_t, t, output), output
   if prediction_type == 'x0':

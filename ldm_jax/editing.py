@@ -15,7 +15,8 @@ U-Net unchanged; no fine-tuning.
   inpaint_fn = jax.jit(inpaint, static_argnames=INPAINT_STATIC_ARGNAMES)
   img2img_fn = jax.jit(img2img, static_argnames=IMG2IMG_STATIC_ARGNAMES)
 
-`ldm_jax.modes.edit_mode` is the whole `--mode=edit` run: it reads `config.edit`:
+`ldm_jax.modes.edit_mode` is the whole `--mode=edit` run (its jitted body is
+`ldm_jax.generate.edit_images`): it reads `config.edit`:
   task: 'inpaint' or 'img2img'.
   input: the image to edit: PNG/JPEG, or .npz with key `images` or `image`, uint8
     [H, W, C] or [N, H, W, C] (the first is taken); data.image_size square.
@@ -27,6 +28,8 @@ U-Net unchanged; no fine-tuning.
   num_samples: how many variations to draw.
   class_label: the class to condition on (guided with config.sample.guidance_scale);
     -1 = the null (unconditional) class.
+A text-conditioned model edits towards `--prompt` (guided the same way); without
+one it edits unconditionally (the empty caption).
 and `config.sample`: inpaint always takes ancestral DDPM steps (num_steps,
 timestep_spacing, ddpm_variance); img2img uses the configured sampler (method,
 num_steps, eta, ...); both draw from config.sample.seed. It writes
@@ -42,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from PIL import Image, UnidentifiedImageError
 
 from ldm_jax import diffusion, sampling
@@ -144,12 +146,8 @@ def inpaint(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, known: jax
   Raises:
     ValueError: for a bad option, or a mask that does not broadcast to `known`.
   """
-  if prediction_type not in diffusion.PREDICTION_TYPES:
-    raise ValueError(f"unknown prediction type '{prediction_type}'; accepted: "
-                     f"{', '.join(diffusion.PREDICTION_TYPES)}")
-  if ddpm_variance not in sampling.DDPM_VARIANCES:
-    raise ValueError(f"unknown DDPM variance '{ddpm_variance}'; accepted: "
-                     f"{', '.join(sampling.DDPM_VARIANCES)}")
+  diffusion.check_prediction_type(prediction_type)
+  sampling.check_ddpm_variance(ddpm_variance)
   model = sampling.guided(model_fn, guidance_scale, cond, null_cond)
   try:
     keep = jnp.broadcast_to(mask, known.shape) > 0.5
@@ -166,22 +164,8 @@ def inpaint(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, known: jax
   step_index = np.maximum(states[:-1], states[1:])
   is_denoising = states[1:] < states[:-1]
 
-  # Per respaced step k (timesteps[k] -> timesteps[k-1], the step before k=0 is x0):
-  coef1, coef2, variance = sampling.respaced_posterior(schedule, timesteps)  # [n] each
-  abar = schedule.alphas_cumprod[timesteps]
-  abar_prev = jnp.concatenate([jnp.ones((1,)), abar[:-1]])
-  log_alpha = sampling.respaced_log_alphas(schedule, timesteps)  # log(abar / abar_prev)
-  betas = -jnp.expm1(log_alpha)
-  tables = {
-      't': jnp.asarray(timesteps, jnp.int32),
-      'coef1': coef1,
-      'coef2': coef2,
-      # Step 0 (to x0) adds no noise with either variance.
-      'variance': variance if ddpm_variance == 'posterior' else betas.at[0].set(0.0),
-      'abar_prev': abar_prev,
-      'alpha': jnp.exp(log_alpha),
-      'beta': betas,
-  }
+  # Per respaced step k (timesteps[k] -> timesteps[k-1], the step before k=0 is x0).
+  tables = sampling.respaced_tables(schedule, timesteps, ddpm_variance)
   xs = {name: table[step_index] for name, table in tables.items()}
   xs['denoise'] = jnp.asarray(is_denoising)
   init_rng, steps_rng = jax.random.split(rng)
@@ -194,7 +178,7 @@ def inpaint(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, known: jax
     x0, _ = diffusion.model_output_to_x0_eps(schedule, x, t, output, prediction_type)
     noise_rng, known_rng = jax.random.split(p['rng'])
     unknown_prev = (p['coef1'] * x0 + p['coef2'] * x
-                    + jnp.sqrt(p['variance']) * jax.random.normal(noise_rng, shape))
+                    + jnp.sqrt(p['step_variance']) * jax.random.normal(noise_rng, shape))
     a_prev = p['abar_prev']
     known_prev = (jnp.sqrt(a_prev) * known
                   + jnp.sqrt(1.0 - a_prev) * jax.random.normal(known_rng, shape))
@@ -229,8 +213,10 @@ def img2img(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, latents: j
             null_cond: Any = None) -> jax.Array:
   """SDEdit (Meng et al. 2022): noise `latents` part of the way, then denoise.
 
-  x = q_sample(latents, t_start, noise) with t_start = `img2img_start_timestep`, then
-  `sampling.sample` from x at t_start with max(1, round(num_steps strength)) steps.
+  `sampling.sample` from t_start = `img2img_start_timestep` with
+  max(1, round(num_steps strength)) steps, starting from x = q_sample(latents, t,
+  noise) at the first timestep t it visits (`sampling.first_timestep`; below
+  t_start with 'leading' spacing, as in diffusers).
   Strength near 0 returns (about) the input; strength 1 starts from (almost) pure
   noise, i.e. plain sampling.
 
@@ -259,13 +245,15 @@ def img2img(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, latents: j
   if not 0.0 < strength <= 1.0:
     raise ValueError(f'strength must be in (0, 1], got {strength}')
   t_start = img2img_start_timestep(schedule.num_timesteps, strength)
+  num_steps = max(1, round(num_steps * strength))
   noise_rng, sample_rng = jax.random.split(rng)
   noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
-  t = jnp.full((latents.shape[0],), t_start, jnp.int32)
+  t_first = sampling.first_timestep(method, num_steps, t_start, timestep_spacing)
+  t = jnp.full((latents.shape[0],), t_first, jnp.int32)
   x_start = diffusion.q_sample(schedule, latents.astype(jnp.float32), t, noise)
   return sampling.sample(
       model_fn, schedule, tuple(latents.shape), sample_rng, method=method,
-      num_steps=max(1, round(num_steps * strength)), eta=eta,
+      num_steps=num_steps, eta=eta,
       prediction_type=prediction_type, timestep_spacing=timestep_spacing,
       ddpm_variance=ddpm_variance, guidance_scale=guidance_scale, cond=cond,
       null_cond=null_cond, x_T=x_start, start_timestep=t_start)
@@ -440,55 +428,3 @@ def validate_edit_config(config: ml_collections.ConfigDict) -> None:
     strength = edit.strength
     is_number = isinstance(strength, (int, float)) and not isinstance(strength, bool)
     check('strength', is_number and 0.0 < strength <= 1.0, 'a number in (0, 1]')
-
-
-def edit_images(unet_params, ae_params, scale_factor: jax.Array, image: jax.Array,
-                known_pixels: jax.Array, known_latents: jax.Array, rng: jax.Array,
-                schedule: diffusion.Schedule, *, unet: nn.Module, autoencoder: nn.Module,
-                edit_config: ml_collections.ConfigDict,
-                sample_config: ml_collections.ConfigDict, prediction_type: str,
-                batch_size: int, batch_sharding=None) -> jax.Array:
-  """Encodes `image`, edits its latents `batch_size` times and decodes.
-
-  Args:
-    image: [H, W, C] in [-1, 1].
-    known_pixels: [H, W, 1], 1 = keep (inpaint; ignored by img2img).
-    known_latents: [h, w, 1], the latent known-mask (inpaint; ignored by img2img).
-
-  Returns:
-    [batch_size, H, W, C] images in [-1, 1]; for inpaint the known pixels are the
-    input's: the latent known region is exact, but decoding reproduces it only up to
-    the autoencoder's reconstruction error, so the input pixels are pasted back.
-  """
-  mean, _ = autoencoder.apply({'params': ae_params}, image[None], method=autoencoder.encode)
-  latents = jnp.broadcast_to(mean * scale_factor, (batch_size, *mean.shape[1:]))
-  if batch_sharding is not None:
-    latents = jax.lax.with_sharding_constraint(latents, batch_sharding)
-  # class_label -1 is the null class; a class is guided by config.sample.guidance_scale.
-  guidance = dict(guidance_scale=1.0, cond=None, null_cond=None)
-  if unet.num_classes:
-    model_fn = lambda x, t, y: unet.apply({'params': unet_params}, x, t, y)
-    null = jnp.full((batch_size,), unet.null_class, jnp.int32)
-    label = edit_config.class_label
-    guidance['cond'] = null if label < 0 else jnp.full((batch_size,), label, jnp.int32)
-    if label >= 0 and sample_config.guidance_scale != 1.0:
-      guidance.update(guidance_scale=sample_config.guidance_scale, null_cond=null)
-  else:
-    model_fn = lambda x, t: unet.apply({'params': unet_params}, x, t)
-  options = dict(num_steps=sample_config.num_steps, prediction_type=prediction_type,
-                 timestep_spacing=sample_config.timestep_spacing,
-                 ddpm_variance=sample_config.ddpm_variance, **guidance)
-  if edit_config.task == 'inpaint':
-    mask = jnp.broadcast_to(known_latents[None], (batch_size, *known_latents.shape))
-    edited = inpaint(model_fn, schedule, latents, mask, rng,
-                     jump_length=edit_config.jump_length,
-                     jump_n_sample=edit_config.jump_n_sample, **options)
-  else:
-    edited = img2img(model_fn, schedule, latents, float(edit_config.strength), rng,
-                     method=sample_config.method, eta=sample_config.eta, **options)
-  images = autoencoder.apply({'params': ae_params}, edited / scale_factor,
-                             method=autoencoder.decode)
-  images = jnp.clip(images, -1.0, 1.0)
-  if edit_config.task == 'inpaint':
-    images = jnp.where(known_pixels[None] > 0.5, image[None], images)
-  return images

@@ -72,21 +72,23 @@ def loss_weighting(s: diffusion.Schedule, t: jax.Array, name: str, *,
   if name not in LOSS_WEIGHTINGS:
     raise ValueError(f"unknown loss weighting '{name}'; accepted: "
                      f"{', '.join(LOSS_WEIGHTINGS)}")
-  if prediction_type not in diffusion.PREDICTION_TYPES:
-    raise ValueError(f"unknown prediction type '{prediction_type}'; accepted: "
-                     f"{', '.join(diffusion.PREDICTION_TYPES)}")
+  diffusion.check_prediction_type(prediction_type)
   t = jnp.asarray(t)
   if name == 'uniform':
     return jnp.ones(t.shape, jnp.float32)
   snr = diffusion.snr(s, t)
   # Both weightings are defined as weights w_x0 on the x0-space error; the squared
   # error of an eps (v) prediction is SNR (SNR + 1) times that of the x0 it implies.
+  # The eps weights w_x0 / SNR are taken in closed form: finite at SNR = 0 (a
+  # zero-terminal-SNR schedule), where the quotient is 0 / 0.
   if name == 'min_snr':
     x0_weight = jnp.minimum(snr, min_snr_gamma)
+    eps_weight = jnp.where(snr > min_snr_gamma, min_snr_gamma / snr, 1.0)
   else:  # p2: 1 / (k + SNR)^gamma on the eps loss = SNR / (k + SNR)^gamma on x0.
-    x0_weight = snr / (p2_k + snr) ** p2_gamma
+    eps_weight = 1.0 / (p2_k + snr) ** p2_gamma
+    x0_weight = snr * eps_weight
   if prediction_type == 'eps':
-    return x0_weight / snr
+    return eps_weight
   if prediction_type == 'v':
     return x0_weight / (snr + 1.0)
   return x0_weight

@@ -106,6 +106,19 @@ def sampling_timesteps(num_timesteps: int, num_steps: int,
   return np.sort(steps.astype(np.int32))
 
 
+def first_timestep(method: str, num_steps: int, start_timestep: int,
+                   timestep_spacing: str = 'leading') -> int:
+  """The timestep at which `sample(..., start_timestep=...)` takes x_T to be.
+
+  The ODE solvers start at `start_timestep` itself; 'ddpm' and 'ddim' at the
+  largest timestep they visit, which 'leading' spacing puts below it.
+  """
+  if method not in ('ddpm', 'ddim'):
+    return start_timestep
+  num_steps = min(num_steps, start_timestep + 1)
+  return int(sampling_timesteps(start_timestep + 1, num_steps, timestep_spacing)[-1])
+
+
 def respaced_log_alphas(s: diffusion.Schedule, timesteps: np.ndarray) -> jax.Array:
   """log(1 - beta'_i) = log(abar[timesteps[i]] / abar[timesteps[i-1]]), [n].
 
@@ -148,6 +161,39 @@ def respaced_posterior(s: diffusion.Schedule, timesteps: np.ndarray
   coef2 = one_minus_abar_prev * jnp.sqrt(alphas) / one_minus_abar
   variance = betas * one_minus_abar_prev / one_minus_abar
   return coef1, coef2, variance
+
+
+def check_ddpm_variance(ddpm_variance: str) -> None:
+  """Raises ValueError naming the accepted values for an unknown `ddpm_variance`."""
+  if ddpm_variance not in DDPM_VARIANCES:
+    raise ValueError(f"unknown DDPM variance '{ddpm_variance}'; accepted: "
+                     f"{', '.join(DDPM_VARIANCES)}")
+
+
+def respaced_tables(s: diffusion.Schedule, timesteps: np.ndarray,
+                    ddpm_variance: str = 'posterior') -> dict[str, jax.Array]:
+  """Per-step tables of the reverse process over `timesteps` (ascending), [n] each.
+
+  Step i goes from timesteps[i] to timesteps[i-1] (to x0 for i=0): `t`, `abar_prev`,
+  the posterior `coef1`, `coef2` and `variance` (`respaced_posterior`), the step's
+  `alpha` = abar[t_i] / abar[t_{i-1}] and `beta` = 1 - alpha, and `step_variance`,
+  the noise variance of an ancestral DDPM step with `ddpm_variance`: the posterior
+  variance, or beta (Ho et al. 2020) except on the last step, which adds no noise.
+  """
+  coef1, coef2, variance = respaced_posterior(s, timesteps)
+  abar = s.alphas_cumprod[timesteps]
+  log_alpha = respaced_log_alphas(s, timesteps)
+  betas = -jnp.expm1(log_alpha)
+  return {
+      't': jnp.asarray(timesteps, jnp.int32),
+      'abar_prev': jnp.concatenate([jnp.ones((1,)), abar[:-1]]),
+      'coef1': coef1,
+      'coef2': coef2,
+      'variance': variance,
+      'step_variance': variance if ddpm_variance == 'posterior' else betas.at[0].set(0.0),
+      'alpha': jnp.exp(log_alpha),
+      'beta': betas,
+  }
 
 
 def guided(model_fn: ModelFn, guidance_scale: float, cond: Any,
@@ -198,24 +244,8 @@ def _sample_ddpm_ddim(model: _Denoiser, schedule: diffusion.Schedule, x_T: jax.A
   """'ddpm' and 'ddim' over integer timesteps; see `sample`."""
   num_steps = min(num_steps, start_timestep + 1)
   timesteps = sampling_timesteps(start_timestep + 1, num_steps, timestep_spacing)
-  abar = schedule.alphas_cumprod[timesteps]  # [n]
-  abar_prev = jnp.concatenate([jnp.ones((1,)), abar[:-1]])
-  coef1, coef2, variance = respaced_posterior(schedule, timesteps)
-  if method == 'ddpm' and ddpm_variance == 'beta':
-    # The respaced beta', except on the last step, which adds no noise (as in DDPM).
-    betas = -jnp.expm1(respaced_log_alphas(schedule, timesteps))
-    step_variance = betas.at[0].set(0.0)
-  else:
-    step_variance = variance
-  xs = {
-      't': jnp.asarray(timesteps, jnp.int32),
-      'abar_prev': abar_prev,
-      'coef1': coef1,
-      'coef2': coef2,
-      'variance': variance,
-      'step_variance': step_variance,
-      'rng': jax.random.split(rng, num_steps),
-  }
+  xs = respaced_tables(schedule, timesteps, ddpm_variance if method == 'ddpm' else 'posterior')
+  xs['rng'] = jax.random.split(rng, num_steps)
   xs = jax.tree.map(lambda a: a[::-1], xs)
 
   def step(x: jax.Array, p: dict[str, jax.Array]) -> tuple[jax.Array, None]:
@@ -384,15 +414,11 @@ def sample(model_fn: ModelFn, schedule: diffusion.Schedule, shape: tuple[int, ..
   """
   if method not in SAMPLERS:
     raise ValueError(f"unknown sampler '{method}'; accepted: {', '.join(SAMPLERS)}")
-  if prediction_type not in diffusion.PREDICTION_TYPES:
-    raise ValueError(f"unknown prediction type '{prediction_type}'; accepted: "
-                     f"{', '.join(diffusion.PREDICTION_TYPES)}")
+  diffusion.check_prediction_type(prediction_type)
   if timestep_spacing not in TIMESTEP_SPACINGS:
     raise ValueError(f"unknown timestep spacing '{timestep_spacing}'; accepted: "
                      f"{', '.join(TIMESTEP_SPACINGS)}")
-  if ddpm_variance not in DDPM_VARIANCES:
-    raise ValueError(f"unknown DDPM variance '{ddpm_variance}'; accepted: "
-                     f"{', '.join(DDPM_VARIANCES)}")
+  check_ddpm_variance(ddpm_variance)
   num_timesteps = schedule.num_timesteps
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(f'num_steps must be in 1..{num_timesteps} (the number of '

@@ -174,6 +174,20 @@ def test_img2img_start_timestep():
   assert editing.img2img_start_timestep(T, 1e-9) == 0
 
 
+@pytest.mark.parametrize('spacing', ['leading', 'trailing'])
+def test_img2img_denoises_from_the_timestep_it_noised_to(spacing):
+  # A denoiser that returns the very noise img2img drew: deterministic DDIM then gives
+  # back the latents exactly if x was noised to the timestep the first step takes it
+  # to be (leading spacing visits 703 from strength 0.75, not 749), else
+  # (x - sqrt(1 - abar_703) noise) / sqrt(abar_703) != latents.
+  latents = jax.random.normal(jax.random.key(9), (2, 4, 4, 1))
+  rng = jax.random.key(10)
+  noise = jax.random.normal(jax.random.split(rng)[0], latents.shape)
+  out = editing.img2img(lambda x, t: noise, LINEAR, latents, 0.75, rng, method='ddim',
+                        num_steps=50, timestep_spacing=spacing)
+  np.testing.assert_allclose(out, latents, atol=1e-4)
+
+
 def test_img2img_at_tiny_strength_returns_the_input():
   latents = MU + SD * jax.random.normal(jax.random.key(4), (8, 4, 4, 2))
   out = img2img_jit(INDEPENDENT, LINEAR, latents, 1 / T, jax.random.key(5), method='ddpm',

@@ -160,3 +160,18 @@ def test_psnr_closed_form():
   np.testing.assert_allclose(losses.psnr(a, b, data_range=1.0),
                              10 * np.log10(1.0 / np.array([0.1, 0.5, 2.0])**2), rtol=1e-5)
   assert np.isinf(losses.psnr(a, a)).all()
+
+
+@pytest.mark.parametrize('name', ['min_snr', 'p2'])
+def test_weights_are_finite_at_zero_terminal_snr(name):
+  zero_snr = diffusion.rescale_zero_terminal_snr(diffusion.make_schedule('scaled_linear', 1000))
+  t = jnp.array([0, 500, 999])
+  assert float(diffusion.snr(zero_snr, 999)) == 0.0
+  for prediction_type in diffusion.PREDICTION_TYPES:
+    weights = losses.loss_weighting(zero_snr, t, name, prediction_type=prediction_type,
+                                    min_snr_gamma=5.0, p2_gamma=1.0, p2_k=2.0)
+    assert np.all(np.isfinite(weights)), (prediction_type, weights)
+  # The limits at SNR -> 0 on the eps loss: min(SNR, gamma) / SNR -> 1, 1 / (k + SNR) -> 1 / k.
+  eps = losses.loss_weighting(zero_snr, t, name, prediction_type='eps', min_snr_gamma=5.0,
+                              p2_gamma=1.0, p2_k=2.0)
+  assert float(eps[-1]) == (1.0 if name == 'min_snr' else 0.5)
