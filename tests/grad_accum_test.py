@@ -48,11 +48,11 @@ def tiny():
                   out_shardings=sharding.replicated(mesh))()
 
   def make_step(grad_accum_steps):
-    diffusion_config = config.diffusion.copy_and_resolve_references()
-    diffusion_config.grad_accum_steps = grad_accum_steps
+    step_config = config.copy_and_resolve_references()
+    step_config.diffusion.grad_accum_steps = grad_accum_steps
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     return jax.jit(functools.partial(train.diffusion_train_step, denoiser=unet,
-                                     config=diffusion_config, lr_schedule=lr),
+                                     config=step_config, lr_schedule=lr),
                    in_shardings=(replicated, data, replicated),
                    out_shardings=(replicated, replicated))
 
