@@ -9,10 +9,12 @@ import jax
 
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.classifier import Classifier
+from ldm_jax.models.dit import DiT
 from ldm_jax.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
     'autoencoder_kl': AutoencoderKL,
+    'dit': DiT,
     'unet': UNet,
 }
 
@@ -67,5 +69,5 @@ def count_params(params: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ['MODELS', 'AutoencoderKL', 'Classifier', 'UNet', 'count_params', 'get_model',
+__all__ = ['MODELS', 'AutoencoderKL', 'Classifier', 'DiT', 'UNet', 'count_params', 'get_model',
            'model_fields']
