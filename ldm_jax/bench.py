@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, generate, models, optim, sampling, sharding, train
+from ldm_jax import builders, conditioning, generate, models, optim, sampling, sharding, train
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -119,6 +119,32 @@ def model_flops(fn, *args) -> float:
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get('flops', 0.0))
+
+
+def train_flops_per_image(config, num_classes: int) -> float:
+  """Model FLOPs of the configured diffusion train step, per image of `data.batch_size`.
+
+  The count of `bench_train` (forward, backward and optimizer update, as `model_flops`
+  counts them), from shapes alone: nothing is initialized or run, so it takes seconds
+  on any machine and compares backbones of equal training cost.
+
+  Args:
+    config: an experiment config; its denoiser, latent shape, conditioner, optimizer,
+      `data.batch_size` and `diffusion.compute_dtype` are what is counted.
+    num_classes: label count of a class-conditional denoiser (0: unconditional).
+  """
+  unet = builders.build_unet(config, num_classes)
+  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  state = jax.eval_shape(functools.partial(train.init_diffusion_state, config, unet, tx), 1.0)
+  batch_size = config.data.batch_size
+  latents = jax.ShapeDtypeStruct((batch_size, *builders.latent_shape(config)), jnp.float32)
+  batch = {'latent_mean': latents, 'latent_logvar': latents,
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  if config.diffusion.conditioning.name:
+    batch.update(jax.eval_shape(lambda: conditioning.example_batch(config, batch_size)))
+  train_step = functools.partial(train.diffusion_train_step, unet=unet, config=config.diffusion,
+                                 lr_schedule=lr_schedule)
+  return model_flops(train_step, state, batch, builders.make_schedule(config)) / batch_size
 
 
 def _seconds_per_call(call, repeats: int) -> float:

@@ -124,7 +124,8 @@ def _validate_conditioning(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.diffusion.conditioning.name={c.name!r} cannot start from '
                     f'config.diffusion.init_from (a diffusers UNet2DModel has no conditioner); '
                     f'accepted: init_from=\'\' with a conditioner')
-  _check(config, 'diffusion.model.transformer_depth', positive, 'a positive integer')
+  if 'transformer_depth' in config.diffusion.model:  # U-Net only: a DiT has no such field.
+    _check(config, 'diffusion.model.transformer_depth', positive, 'a positive integer')
   if conditioning.uses_context(config):
     _check(config, 'diffusion.model.context_dim', positive,
            f'a positive integer (the context width) for conditioning.name={c.name}')
