@@ -219,7 +219,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                          data)
   train_step = functools.partial(train.diffusion_train_step, unet=unet, config=config.diffusion,
                                  lr_schedule=lr_schedule)
-  train_flops = model_flops(train_step, state, batch, schedule) / batch_size
+  train_flops = train_flops_per_image(config, num_classes)
   step = jax.jit(train_step, in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   step, train_compile_s = _compile(step, state, batch, schedule)
