@@ -17,7 +17,8 @@ _BATCH, _SIZE, _CONTEXT_LEN = 8, 8, 5
 
 
 def _normal(seed, shape):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+  # NumPy, not jax.random: eager JAX ops would compile one small program per shape.
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 @pytest.fixture(scope='module')
@@ -25,18 +26,19 @@ def dit():
   """Model, initial and perturbed params, inputs, and one jitted forward per dtype."""
   model = models.get_model('dit', **_DIT)
   x = _normal(0, (_BATCH, _SIZE, _SIZE, 4))
-  t = jnp.linspace(10.0, 900.5, _BATCH)
-  y = jnp.arange(_BATCH, dtype=jnp.int32) % 3
+  t = np.linspace(10.0, 900.5, _BATCH, dtype=np.float32)
+  y = np.arange(_BATCH, dtype=np.int32) % 3
   context = _normal(1, (_BATCH, _CONTEXT_LEN, _DIT['context_dim']))
   # Padding at the end, in the middle, or none.
-  mask = jnp.array([[True, True, True, False, False], [True, False, True, True, True],
+  mask = np.array([[True, True, True, False, False], [True, False, True, True, True],
                     [True] * 5, [True, False, False, False, False]] * 2)
   params = jax.jit(model.init)(jax.random.PRNGKey(2), x, t, y, context=context,
                                context_mask=mask)['params']
   # Zero-initialised gates, modulations and output layers hide everything upstream:
   # perturb every parameter so that each input matters.
   leaves, treedef = jax.tree.flatten(params)
-  perturbed = treedef.unflatten([p + 0.1 * _normal(10 + i, p.shape) for i, p in enumerate(leaves)])
+  perturbed = treedef.unflatten([np.asarray(p) + 0.1 * _normal(10 + i, p.shape)
+                                 for i, p in enumerate(leaves)])
 
   def forward(dtype):
     module = models.get_model('dit', **_DIT, dtype=dtype)
@@ -91,12 +93,14 @@ def test_time_and_labels_change_the_output_and_none_is_the_null_class(dit):
   p, forward = dit['perturbed'], dit['f32']
   out = forward(p, *_inputs(dit))
   assert np.abs(out).max() > 1e-2
-  other_t = forward(p, *_inputs(dit, t=dit['t'].at[1].set(3.25)))
+  t = dit['t'].copy()
+  t[1] = 3.25
+  other_t = forward(p, *_inputs(dit, t=t))
   # Each example sees its own t only.
   np.testing.assert_allclose(np.delete(other_t, 1, 0), np.delete(out, 1, 0), atol=1e-5)
   assert not np.allclose(other_t[1], out[1], atol=1e-3)
   assert not np.allclose(forward(p, *_inputs(dit, y=(dit['y'] + 1) % 3)), out, atol=1e-3)
-  null = jnp.full((_BATCH,), dit['model'].null_class, jnp.int32)
+  null = np.full((_BATCH,), dit['model'].null_class, np.int32)
   np.testing.assert_allclose(forward(p, *_inputs(dit, y=None)),
                              forward(p, *_inputs(dit, y=null)), atol=1e-6)
   assert not np.allclose(forward(p, *_inputs(dit, y=None)), out, atol=1e-3)
@@ -106,9 +110,9 @@ def test_context_matters_except_at_masked_positions(dit):
   p, forward, context, mask = dit['perturbed'], dit['f32'], dit['context'], dit['mask']
   out = forward(p, *_inputs(dit))
   noise = 10.0 * _normal(3, context.shape)
-  at_padding = jnp.where(mask[..., None], context, context + noise)
+  at_padding = np.where(mask[..., None], context, context + noise)
   np.testing.assert_allclose(forward(p, *_inputs(dit, context=at_padding)), out, atol=1e-5)
-  at_real = jnp.where(mask[..., None], context + noise, context)
+  at_real = np.where(mask[..., None], context + noise, context)
   changed = forward(p, *_inputs(dit, context=at_real))
   for b in range(_BATCH):
     assert not np.allclose(changed[b], out[b], atol=1e-3)
