@@ -188,7 +188,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   """Times the diffusion train step and DDIM sampling; prints a report and a RESULT line.
 
   Args:
-    config: an experiment config; its U-Net, latent shape, schedule, optimizer,
+    config: an experiment config; its denoiser, latent shape, schedule, optimizer,
       `data.batch_size` and `diffusion.compute_dtype` are what is timed.
     num_classes: label count when the config is class-conditional.
     sample_batch_size: images per sampling call.
