@@ -6,10 +6,13 @@ A sweep file defines `get_sweep()` returning a dict:
 
     config:    the base config file, e.g. 'configs/default.py'.
     overrides: {'dotted.field': value} applied to every variant (the study's budget).
-    variants:  [{'name': 'cosine-v', 'overrides': {'diffusion.schedule': 'cosine', ...}}, ...]
+    variants:  [{'name': 'cosine-v', 'overrides': {'diffusion.schedule': 'cosine', ...}}, ...];
+               a variant may also name its own `config` file (e.g. another backbone,
+               whose fields the base config lacks); the sweep's overrides apply to it too.
     seeds:     (0, 1, ...): `config.seed` of each run.
     share_autoencoder: True trains stage 1 once (WORKDIR/autoencoder) and points every
-               run's `autoencoder.workdir` at it, so variants differ only in stage 2.
+               run's `autoencoder.workdir` at it, so variants differ only in stage 2
+               (a variant's own config must then have the same data and stage 1).
 
 Every run's metrics use one evaluation classifier, WORKDIR/eval_classifier (unless the
 sweep sets `eval.classifier_dir`), so all runs are measured in the same feature space.
@@ -19,7 +22,10 @@ own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one line eac
 for a cluster queue. A run whose metrics exist is skipped, an interrupted one resumes
 from its checkpoints. At the end the runner collects `results.csv` (one row per
 variant × seed), `results.md` (mean ± std over seeds, best marked) and the plots
-`loss_curves.png` and `metrics.png` into `--results_dir` (default: WORKDIR).
+`loss_curves.png` and `metrics.png` into `--results_dir` (default: WORKDIR). Besides the
+metrics, each row has the cost of its stage 2: `train_gflops_per_image` (model FLOPs of
+one train step per image, `bench.train_flops_per_image`, counted from shapes) and
+`train_img_per_s` (measured training throughput).
 """
 import csv
 import dataclasses
@@ -58,6 +64,7 @@ class Run:
   variant: str
   seed: int
   workdir: str
+  config: str
   overrides: dict[str, Any]
   commands: tuple[tuple[str, ...], ...]
   num_train_steps: int
@@ -103,6 +110,11 @@ def load_sweep(path: str) -> dict[str, Any]:
   sweep.setdefault('seeds', (0,))
   sweep.setdefault('share_autoencoder', False)
   names = [v.get('name', '') for v in sweep['variants']]
+  for variant in sweep['variants']:
+    unknown = set(variant) - {'name', 'overrides', 'config'}
+    if unknown:
+      raise UserError(f'sweep {path!r}: variant {variant.get("name", "")!r} has unknown keys '
+                      f'{sorted(unknown)}; accepted: name, overrides, config')
   bad = [n for n in names if not re.fullmatch(r'[A-Za-z0-9_.+-]+', n or '')]
   if bad or len(set(names)) != len(names):
     raise UserError(f'sweep {path!r}: variant names must be unique and use only letters, '
@@ -147,16 +159,28 @@ def autoencoder_trained(sweep: dict[str, Any], root: str) -> bool:
       stages.checkpoint_dir(os.path.join(root, 'autoencoder'), 'autoencoder'), str(steps)))
 
 
+def _stage_one(config) -> dict[str, Any]:
+  """What the latents of a shared first stage depend on: the images and the autoencoder."""
+  autoencoder = config.autoencoder.to_dict()
+  autoencoder.pop('workdir')
+  data = {k: config.data[k] for k in ('name', 'data_dir', 'image_size', 'num_channels')}
+  return {'data': data, 'autoencoder': autoencoder}
+
+
 def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run]:
   """The runs of a sweep (variant-major, then seed), restricted to `only` when given."""
   names = [v['name'] for v in sweep['variants']]
   missing = sorted(set(only) - set(names))
   if missing:
     raise UserError(f'--only names unknown variants {missing}; the sweep has {names}')
+  shared = None
+  if sweep['share_autoencoder']:
+    shared = _stage_one(_config_with(sweep['config'], sweep['overrides']))
   runs = []
   for variant in sweep['variants']:
     if only and variant['name'] not in only:
       continue
+    config_path = variant.get('config', sweep['config'])
     for seed in sweep['seeds']:
       overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
       if sweep['share_autoencoder']:
@@ -164,10 +188,14 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
       # Every run is measured by one evaluation classifier, trained once.
       overrides.setdefault('eval.classifier_dir', os.path.join(root, 'eval_classifier'))
       workdir = os.path.join(root, variant['name'], f'seed_{seed}')
-      config = _config_with(sweep['config'], overrides)
-      commands = tuple(_command(sweep['config'], workdir, overrides, mode)
+      config = _config_with(config_path, overrides)
+      if shared is not None and _stage_one(config) != shared:
+        raise UserError(f'variant {variant["name"]!r}: its images or autoencoder settings differ '
+                        f'from those of the shared first stage ({sweep["config"]} with the '
+                        f'sweep overrides); accepted: the same, or share_autoencoder=False')
+      commands = tuple(_command(config_path, workdir, overrides, mode)
                        for mode in ('train', 'eval'))
-      runs.append(Run(variant['name'], seed, workdir, overrides, commands,
+      runs.append(Run(variant['name'], seed, workdir, config_path, overrides, commands,
                       int(config.diffusion.num_train_steps)))
   return runs
 
@@ -185,6 +213,12 @@ def _read_status(run: Run) -> dict[str, Any]:
       return json.load(f)
   except FileNotFoundError:
     return {'train_seconds': 0.0}
+
+
+def _write_status(run: Run, status: dict[str, Any]) -> None:
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(_status_path(run), 'w') as f:
+    json.dump(status, f)
 
 
 def _execute(command: Sequence[str], log_path: str) -> None:
@@ -213,8 +247,7 @@ def execute_run(run: Run) -> str:
     finally:  # An interrupted run's time counts too: it resumes from its checkpoints.
       status = _read_status(run)
       status['train_seconds'] += time.perf_counter() - start
-      with open(_status_path(run), 'w') as f:
-        json.dump(status, f)
+      _write_status(run, status)
   _execute(evaluate, log_path)
   return 'trained and evaluated'
 
@@ -237,18 +270,52 @@ def loss_curve(workdir: str, tag: str = 'train/loss') -> tuple[np.ndarray, np.nd
   return steps, np.asarray([points[s] for s in steps])
 
 
+def train_images_per_second(workdir: str, batch_size: int) -> float:
+  """Stage-2 training throughput: median of the logged steps/s times the batch size.
+
+  The first logged interval of a run includes compilation and is left out when there
+  are others; the median also discounts the first interval after a resume.
+  """
+  _, rates = loss_curve(workdir, 'train/steps_per_sec')
+  if len(rates) > 1:
+    rates = rates[1:]
+  return float(np.median(rates)) * batch_size if len(rates) else float('nan')
+
+
+def train_flops_per_image(config_path: str, overrides: dict[str, Any]) -> float:
+  """Model FLOPs of one stage-2 train step per image (`bench.train_flops_per_image`)."""
+  from ldm_jax import bench, builders  # JAX only when results are collected.
+
+  config = _config_with(config_path, overrides)
+  return bench.train_flops_per_image(config, builders.num_classes(config))
+
+
 def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
-  """One row per evaluated run: variant, seed, overrides, training time and every metric."""
+  """One row per evaluated run: variant, seed, costs and every metric.
+
+  The FLOPs count is made once per variant (seeds share the model) and kept in the
+  run's status file.
+  """
   rows = []
+  flops: dict[str, float] = {}
   for run in runs:
     if not os.path.isfile(run.metrics_path):
       continue
     with open(run.metrics_path) as f:
       metrics = json.load(f)
     _, losses = loss_curve(run.workdir)
+    status = _read_status(run)
+    if 'train_flops_per_image' not in status:
+      if run.variant not in flops:
+        flops[run.variant] = train_flops_per_image(run.config, run.overrides)
+      status['train_flops_per_image'] = flops[run.variant]
+      _write_status(run, status)
+    batch_size = _config_with(run.config, run.overrides).data.batch_size
     row = {'variant': run.variant, 'seed': run.seed,
-           'train_seconds': round(_read_status(run)['train_seconds'], 1),
-           'final_loss': float(losses[-1]) if len(losses) else float('nan')}
+           'train_seconds': round(status['train_seconds'], 1),
+           'final_loss': float(losses[-1]) if len(losses) else float('nan'),
+           'train_gflops_per_image': status['train_flops_per_image'] / 1e9,
+           'train_img_per_s': train_images_per_second(run.workdir, batch_size)}
     row.update({k: v for k, v in metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
     rows.append(row)
@@ -257,7 +324,8 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 # Shown in the table but never ranked: costs, and losses that are not comparable
 # across parameterizations (an eps loss and a v loss measure different targets).
-INFO_COLUMNS = ('final_loss', 'train_seconds', 'eval_seconds', 'classifier_test_accuracy')
+INFO_COLUMNS = ('final_loss', 'train_gflops_per_image', 'train_img_per_s', 'train_seconds',
+                'eval_seconds', 'classifier_test_accuracy')
 
 
 def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> list[str]:

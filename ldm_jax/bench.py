@@ -132,6 +132,31 @@ def model_flops(fn, *args) -> float:
   return float((analysis or {}).get('flops', 0.0))
 
 
+def train_flops_per_image(config, num_classes: int) -> float:
+  """Model FLOPs of the configured diffusion train step, per image of `data.batch_size`.
+
+  The count of `bench_train` (forward, backward and optimizer update, as `model_flops`
+  counts them), from shapes alone: nothing is initialized or run, so it takes seconds
+  on any machine and compares backbones of equal training cost.
+
+  Args:
+    config: an experiment config; its denoiser, latent shape, conditioner, optimizer,
+      `data.batch_size` and `diffusion.compute_dtype` are what is counted.
+    num_classes: label count when the config is class-conditional (as `bench_train`).
+  """
+  denoiser = _denoiser(config, num_classes)
+  tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  state = jax.eval_shape(functools.partial(stages.init_diffusion_state, config, denoiser, tx), 1.0)
+  batch_size = config.data.batch_size
+  latents = jax.ShapeDtypeStruct((batch_size, *builders.latent_shape(config)), jnp.float32)
+  batch = {'latent_mean': latents, 'latent_logvar': latents,
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+           **jax.eval_shape(lambda: conditioning.example_batch(config, batch_size))}
+  train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
+                                 lr_schedule=lr_schedule)
+  return model_flops(train_step, state, batch, builders.make_schedule(config)) / batch_size
+
+
 def _seconds_per_call(call, repeats: int) -> float:
   """Mean wall seconds of `call()` over `repeats` calls after one untimed warm-up call."""
   jax.block_until_ready(call())
@@ -163,7 +188,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   """Times the diffusion train step and DDIM sampling; prints a report and a RESULT line.
 
   Args:
-    config: an experiment config; its U-Net, latent shape, schedule, optimizer,
+    config: an experiment config; its denoiser, latent shape, schedule, optimizer,
       `data.batch_size` and `diffusion.compute_dtype` are what is timed.
     num_classes: label count when the config is class-conditional.
     sample_batch_size: images per sampling call.
@@ -204,7 +229,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                           **conditioning.example_batch(config, batch_size)}, data)
   train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
                                  lr_schedule=lr_schedule)
-  train_flops = model_flops(train_step, state, batch, schedule) / batch_size
+  train_flops = train_flops_per_image(config, num_classes)
   step = jax.jit(train_step, in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   step, train_compile_s = _compile(step, state, batch, schedule)

@@ -12,7 +12,25 @@ from ldm_jax.errors import UserError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# configs/tiny.py with a DiT: a variant with its own config file (another backbone).
+TINY_DIT = '''
+import ml_collections
+
+from configs import tiny
+
+
+def get_config():
+  config = tiny.get_config()
+  config.diffusion.model = ml_collections.ConfigDict(dict(
+      name='dit', patch_size=2, hidden_size=16, depth=1, num_heads=2, mlp_ratio=2.0,
+      context_dim=0, remat=''))
+  return config
+'''
+
+
 def write_sweep(path: pathlib.Path, data_dir: str) -> str:
+  dit_config = path.parent / 'tiny_dit.py'
+  dit_config.write_text(TINY_DIT)
   path.write_text(f'''
 def get_sweep():
   return dict(
@@ -20,8 +38,9 @@ def get_sweep():
       overrides={{'data.data_dir': {data_dir!r}, 'eval.num_samples': 16,
                  'eval.classifier_steps': 30}},
       variants=[dict(name='linear', overrides={{'diffusion.schedule': 'linear'}}),
-                dict(name='cosine-v', overrides={{'diffusion.schedule': 'cosine',
-                                                  'diffusion.prediction_type': 'v'}})],
+                dict(name='cosine-v', config={str(dit_config)!r},
+                     overrides={{'diffusion.schedule': 'cosine',
+                                'diffusion.prediction_type': 'v'}})],
       seeds=(0,),
       share_autoencoder=True,
   )
@@ -57,6 +76,8 @@ def test_dry_run_prints_one_line_per_run_and_runs_nothing(tmp_path, digits_data_
     assert f'--workdir={root}/{name}/seed_0' in train
     assert f'--config.autoencoder.workdir={root}/autoencoder' in train
   assert '--config.diffusion.prediction_type=v' in lines[2]
+  assert f'--config={tmp_path}/tiny_dit.py ' in lines[2]  # The variant's own config file.
+  assert '/configs/tiny.py ' in lines[0] + ' ' and '/configs/tiny.py ' in lines[1]
 
 
 def test_only_selects_a_variant_and_rejects_unknown_names(tmp_path, digits_data_dir):
@@ -68,6 +89,15 @@ def test_only_selects_a_variant_and_rejects_unknown_names(tmp_path, digits_data_
     ablate.plan(sweep, str(tmp_path), only=['nope'])
 
 
+def test_a_variant_config_must_match_the_shared_first_stage(tmp_path, digits_data_dir):
+  sweep = ablate.load_sweep(write_sweep(tmp_path / 'sweep.py', digits_data_dir))
+  sweep['variants'][1]['overrides']['autoencoder.model.latent_channels'] = 4
+  with pytest.raises(UserError, match="variant 'cosine-v'.*differ from those of the shared"):
+    ablate.plan(sweep, str(tmp_path))
+  sweep['share_autoencoder'] = False  # Each run then trains its own first stage.
+  assert len(ablate.plan(sweep, str(tmp_path))) == 2
+
+
 def test_bad_sweep_files_stop_with_one_line(tmp_path):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_sweep():\n  return dict(config="c.py", variants=[], sedes=(0,))\n')
@@ -75,6 +105,10 @@ def test_bad_sweep_files_stop_with_one_line(tmp_path):
     ablate.load_sweep(str(bad))
   bad.write_text('def get_sweep():\n  return dict(config="c.py", variants=[{"name": "a b"}])\n')
   with pytest.raises(UserError, match='variant names'):
+    ablate.load_sweep(str(bad))
+  bad.write_text('def get_sweep():\n  return dict(config="c.py", variants=[{"name": "a", '
+                 '"confg": "d.py"}])\n')
+  with pytest.raises(UserError, match="variant 'a' has unknown keys \\['confg'\\]"):
     ablate.load_sweep(str(bad))
   with pytest.raises(UserError, match='not found'):
     ablate.load_sweep(str(tmp_path / 'missing.py'))
@@ -87,10 +121,15 @@ def test_sweep_writes_results_table_and_plots(swept):
   assert [r['variant'] for r in rows] == ['linear', 'cosine-v']
   for row in rows:
     assert float(row['train_seconds']) > 0
+    assert float(row['train_img_per_s']) > 0
+    assert float(row['train_gflops_per_image']) > 0
     assert 0 < float(row['final_loss']) < 10
     assert 0 <= float(row['class_accuracy']) <= 1
     assert float(row['fd_classifier']) >= 0
+  # The U-Net and the DiT variant are counted separately.
+  assert rows[0]['train_gflops_per_image'] != rows[1]['train_gflops_per_image']
   table = pathlib.Path(root, 'results.md').read_text()
+  assert 'train_gflops_per_image' in table and 'train_img_per_s' in table
   assert '| linear |' in table and '| cosine-v |' in table and '*real vs real*' in table
   assert table.count('**') >= 2  # Some column has a best value in bold.
   for name in ('loss_curves.png', 'metrics.png'):
@@ -106,6 +145,8 @@ def test_second_invocation_trains_nothing(swept, monkeypatch):
     raise AssertionError(f'ran {command}')
 
   monkeypatch.setattr(ablate, '_execute', fail)
+  # Each run's FLOPs were counted once and kept.
+  monkeypatch.setattr(ablate, 'train_flops_per_image', fail)
   monkeypatch.chdir(ROOT)
   ablate.run_sweep(sweep, root)
   after = pathlib.Path(root, 'results.csv').read_text()

@@ -28,7 +28,7 @@ def test_default_config_is_valid():
     ('diffusion.compute_dtype', 'float16', 'float32, bfloat16'),
     ('autoencoder.compute_dtype', 'bf16', 'float32, bfloat16'),
     ('diffusion.model.remat', 'all', "'', 'full', 'dots_saveable'"),
-    ('diffusion.model.name', 'vit', 'unet'),
+    ('diffusion.model.name', 'vit', 'unet, dit'),
     # The 8x8 latents of the default config give 8x8 and 4x4 feature maps only.
     ('diffusion.model.attention_resolutions', (4, 3), '(8, 4) for 8x8 latents; 3 never occur'),
     ('diffusion.rescale_zero_terminal_snr', True, 'prediction_type v or x0'),
@@ -48,3 +48,37 @@ def test_bad_value_names_field_and_accepted_values(path, value, fragment):
   assert f'config.{path}={value!r}' in message
   assert fragment in message
   assert '\n' not in message
+
+
+@pytest.mark.parametrize('field, value, fragment', [
+    # configs/digits_dit.py: 8x8 latents, hidden_size=64, num_heads=4.
+    ('patch_size', 3, 'a divisor of the latent size 8'),
+    ('patch_size', 0, 'a positive integer'),
+    ('num_heads', 3, 'a divisor of hidden_size=64'),
+    ('hidden_size', 66, 'a multiple of 4'),
+    ('depth', 0, 'a positive integer'),
+    ('mlp_ratio', 0.0, 'a positive number'),
+    ('remat', 'all', "'', 'full', 'dots_saveable'"),
+    ('context_dim', 8, "0 for conditioning.name='class'"),
+])
+def test_bad_dit_field_names_field_and_accepted_values(field, value, fragment):
+  from configs import digits_dit
+  config = digits_dit.get_config()
+  config.diffusion.model[field] = value
+  if field == 'hidden_size':
+    config.diffusion.model.num_heads = 2  # Divides 66: only the position embedding fails.
+  with pytest.raises(UserError) as info:
+    validate_config(config)
+  message = str(info.value)
+  assert f'config.diffusion.model.{field}={value!r}' in message
+  assert fragment in message
+  assert '\n' not in message
+
+
+def test_dit_config_rejects_u_net_fields():
+  from configs import digits_dit
+  config = digits_dit.get_config()
+  validate_config(config)
+  config.diffusion.model.transformer_depth = 1
+  with pytest.raises(UserError, match="unexpected field.*'transformer_depth'.*denoiser 'dit'"):
+    validate_config(config)

@@ -13,10 +13,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ldm_jax.models import unet
+from ldm_jax.models import dit, unet
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.classifier import Classifier
 from ldm_jax.models.denoiser import Denoiser, DenoiserSpec, FieldError
+from ldm_jax.models.dit import DiT
 from ldm_jax.models.unet import UNet
 
 AUTOENCODERS: dict[str, type[nn.Module]] = {
@@ -24,6 +25,7 @@ AUTOENCODERS: dict[str, type[nn.Module]] = {
 }
 DENOISERS: dict[str, DenoiserSpec] = {
     'unet': DenoiserSpec(UNet, unet.check_fields),
+    'dit': DenoiserSpec(DiT, dit.check_fields),
 }
 MODELS: dict[str, type[nn.Module]] = {
     **AUTOENCODERS, **{name: spec.module for name, spec in DENOISERS.items()}}
@@ -99,5 +101,5 @@ def count_params(params: Any) -> int:
 
 
 __all__ = ['AUTOENCODERS', 'DENOISERS', 'MODELS', 'AutoencoderKL', 'Classifier', 'Denoiser',
-           'DenoiserSpec', 'FieldError', 'UNet', 'check_denoiser_fields', 'count_params',
+           'DenoiserSpec', 'DiT', 'FieldError', 'UNet', 'check_denoiser_fields', 'count_params',
            'get_model', 'model_fields']

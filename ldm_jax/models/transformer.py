@@ -17,6 +17,8 @@ norm3, ff/{net_0/proj, net_2}}`, `proj_out`), so that `UNet2DConditionModel`
 weights map onto it by renaming alone.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,10 +44,16 @@ class Attention(nn.Module):
   Attributes:
     num_heads: attention heads.
     head_dim: width of each head; the inner width is num_heads * head_dim.
+    zero_init_output: start the output projection at zero, so that a residual
+      branch around this layer begins as the identity (PixArt-alpha's cross-attention).
+    dtype: compute dtype of the projections (parameters stay float32); the
+      attention logits and softmax are computed in float32 whatever it is.
   """
 
   num_heads: int
   head_dim: int
+  zero_init_output: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
@@ -66,11 +74,13 @@ class Attention(nn.Module):
     s = context.shape[1]
     inner = self.num_heads * self.head_dim
     split = lambda h, n: h.reshape(b, n, self.num_heads, self.head_dim)  # [B, n, N, D]
-    q = split(nn.Dense(inner, use_bias=False, name='to_q')(x), t)
-    k = split(nn.Dense(inner, use_bias=False, name='to_k')(context), s)
-    v = split(nn.Dense(inner, use_bias=False, name='to_v')(context), s)
+    project = lambda features, name, **kw: nn.Dense(features, dtype=self.dtype, name=name, **kw)
+    q = split(project(inner, 'to_q', use_bias=False)(x), t)
+    k = split(project(inner, 'to_k', use_bias=False)(context), s)
+    v = split(project(inner, 'to_v', use_bias=False)(context), s)
     out = jax.nn.dot_product_attention(q, k, v, mask=padding_mask_to_attention_mask(context_mask))
-    return nn.Dense(c, name='to_out_0')(out.reshape(b, t, inner))
+    out_init = dict(kernel_init=nn.initializers.zeros_init()) if self.zero_init_output else {}
+    return project(c, 'to_out_0', **out_init)(out.reshape(b, t, inner))
 
 
 class GEGLU(nn.Module):
