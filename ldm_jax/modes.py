@@ -6,7 +6,8 @@ import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, generate, input_pipeline, latent_cache, preemption
+from ldm_jax import conditioning, config_check, generate, input_pipeline, latent_cache
+from ldm_jax import preemption
 from ldm_jax import pretrained, sharding, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
@@ -26,8 +27,7 @@ def _prepare_workdir(workdir: str) -> None:
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    config_check.write_config_json(config, workdir)  # Keeps a different earlier one.
 
 
 def _sample_conditions(config, workdir, num_samples: int, prompts: list[str] | None = None):
@@ -37,7 +37,10 @@ def _sample_conditions(config, workdir, num_samples: int, prompts: list[str] | N
 
 
 def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
-                   num_samples: int, writer=None, conditions=None, ncols=None) -> None:
+                   num_samples: int, writer=None, conditions=None, ncols=None,
+                   own_files: bool = False) -> None:
+  """Writes samples_<step>.npz and grid_<step>.png; with `own_files`, new names
+  (`..._<step>_sample<n>`) that never replace the training run's samples."""
   if conditions is None:
     conditions, ncols = _sample_conditions(config, workdir, num_samples)
   sampler = generate.Sampler(config, mesh, unet, autoencoder)
@@ -46,24 +49,45 @@ def _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state,
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     grid = generate.make_grid(images, ncols) if ncols else sampler.grid(images)
-    png, npz = generate.write_samples(os.path.join(workdir, 'samples'), step, grid,
-                                      images, labels)
+    directory = os.path.join(workdir, 'samples')
+    if own_files:
+      png, npz = _free_sample_names(directory, step)
+      arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
+      generate.save_grid_and_arrays(png, npz, grid, arrays)
+    else:
+      png, npz = generate.write_samples(directory, step, grid, images, labels)
     print(f'samples: {png} and {npz}')
     if writer is not None:
       writer.image('diffusion/samples', grid, step)
       writer.flush()
 
 
+def _free_sample_names(directory: str, step: int) -> tuple[str, str]:
+  n = 1
+  while os.path.exists(os.path.join(directory, f'samples_{step}_sample{n}.npz')):
+    n += 1
+  return (os.path.join(directory, f'grid_{step}_sample{n}.png'),
+          os.path.join(directory, f'samples_{step}_sample{n}.npz'))
+
+
 def _start_training(config: ml_collections.ConfigDict, workdir: str):
-  """Checks config, dataset and workdir before any training; returns the mesh."""
+  """Checks config, dataset, devices and checkpoints before any write; returns the mesh."""
   validate_config(config)
   if jax.process_index() == 0:  # Prepares a dataset once, not in every process at once.
     input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   multihost_utils.sync_global_devices('dataset prepared')
   input_pipeline.dataset_info(config.data)
-  _prepare_workdir(workdir)
-  _save_config(config, workdir)
   mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+  # -- checkpoint integrity: every check before the first write --
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  sharding.check_batch_size(config.data.batch_size // config.diffusion.grad_accum_steps, mesh,
+                            'data.batch_size / diffusion.grad_accum_steps')
+  stages = {'diffusion': os.path.join(workdir, 'diffusion', 'checkpoints')}
+  if not config.autoencoder.pretrained:
+    stages['autoencoder'] = train.autoencoder_checkpoint_dir(config, workdir)
+  config_check.check(config, stages)
+  _prepare_workdir(workdir)
+  _save_config(config, workdir)  # Only now: a failed check keeps the old record.
   logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
                jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
   return mesh
@@ -106,6 +130,9 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   A text-conditioned model samples one grid row per prompt when `prompts` are given.
   """
   validate_config(config)
+  if num_samples is not None and num_samples <= 0:
+    raise UserError(f'--num_samples={num_samples}; accepted: a positive number (or none for '
+                    f'config.sample.num_samples={config.sample.num_samples})')
   num_samples = num_samples or config.sample.num_samples
   # Before restoring: a bad prompt stops at once.
   conditions, ncols = _sample_conditions(config, workdir, num_samples, prompts)
@@ -113,7 +140,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str,
   unet, state, _, autoencoder, ae_params = train.restore_trained(config, workdir, mesh)
   _prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, unet, autoencoder, ae_params, state, num_samples,
-                 conditions=conditions, ncols=ncols)
+                 conditions=conditions, ncols=ncols, own_files=True)
 
 
 def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str) -> None:

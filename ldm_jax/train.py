@@ -22,7 +22,8 @@ from flax import linen as nn
 from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, checkpointing, conditioning, diffusion, evaluation, finetune
+from ldm_jax import builders, checkpointing, conditioning, config_check, diffusion, evaluation
+from ldm_jax import finetune
 from ldm_jax import generate
 from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, preemption
 from ldm_jax import pretrained, sharding
@@ -181,9 +182,10 @@ def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
 def _check_finite(stage: str, step: int, metrics: dict[str, float],
                   manager) -> None:
   if not np.isfinite(metrics['loss']):
-    kept = manager.latest_step()
+    kept = checkpointing.last_saved_step(manager)  # Saved states are checked finite.
+    last = f'{manager.directory}/{kept}' if kept is not None else 'none'
     raise UserError(f'{stage}: loss is {metrics["loss"]} at step {step}; stopped without '
-                    f'saving (last good checkpoint: step {kept})')
+                    f'saving (last finite checkpoint: {last})')
 
 
 def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterator[Batch],
@@ -219,9 +221,9 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           writer.flush()
       preempted = preemption.reached()
       if save_now or preempted:
-        checkpointing.save(manager, state)
+        checkpointing.save(manager, state, config)  # Refuses a non-finite state.
       if preempted:
-        manager.wait_until_finished()
+        checkpointing.finish(manager)
         raise preemption.Preempted(stage, step)
       # Every process runs the callback: it computes over the global mesh; only
       # process 0 has a writer.
@@ -230,7 +232,7 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
         on_images(state)
       if on_eval and train_config.eval_every and step % train_config.eval_every == 0:
         on_eval(state)
-  manager.wait_until_finished()
+  checkpointing.finish(manager)
   return state
 
 
@@ -295,8 +297,11 @@ def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
     _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)
     return builders.build_autoencoder(config), jax.device_put(params, sharding.replicated(mesh))
   model, _, _, abstract = autoencoder_setup(config, mesh)
-  manager = checkpointing.make_manager(autoencoder_checkpoint_dir(config, workdir),
-                                       keep=config.train.keep_checkpoints, read_only=True)
+  ckpt_dir = autoencoder_checkpoint_dir(config, workdir)
+  config_check.check(config, {'autoencoder': ckpt_dir})  # -- checkpoint integrity --
+  # Another run's checkpoints are only read; this run's unusable ones are moved aside.
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
+                                       read_only=bool(config.autoencoder.workdir))
   if manager.latest_step() is None:
     raise UserError(f'no autoencoder checkpoint in {manager.directory}; '
                     f'run --mode=train first')
@@ -518,8 +523,8 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh):
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   unet, _, _, abstract, num_classes = diffusion_setup(config, mesh)
-  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
-                                       read_only=True)
+  config_check.check(config, {'diffusion': ckpt_dir})  # -- checkpoint integrity --
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   if manager.latest_step() is None:
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   state = checkpointing.restore(manager, abstract)

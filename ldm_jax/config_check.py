@@ -1,0 +1,119 @@
+"""The config is part of the checkpoint: a resumed or restored run must use the same model.
+
+Each stage stores the resolved config with every checkpoint (`checkpointing.save`).
+Before anything is written, a run compares its config with the stored one; every
+field counts except those in `MAY_CHANGE`, and a difference stops the run with one
+line listing the fields (old -> new). `config.json` is then written, keeping the
+earlier versions of it as `config.<n>.json`.
+"""
+import json
+import os
+
+import ml_collections
+
+from ldm_jax import checkpointing
+from ldm_jax.errors import UserError
+
+# The one list of fields that may differ between a checkpoint's config and the run
+# that resumes, samples, evaluates or edits it: budgets, intervals, sampling,
+# evaluation and editing options, the learning-rate schedule's length, where the data
+# lives, and how the same computation is laid out (mesh, microbatches, remat, cache).
+# A prefix covers its subfields.
+MAY_CHANGE = (
+    'train',                          # log/checkpoint/image/eval intervals, keep_checkpoints.
+    'sample',
+    'eval',
+    'edit',
+    'mesh_shape',
+    'data.data_dir',
+    'autoencoder.num_train_steps',
+    'autoencoder.optim.warmup_steps',
+    'diffusion.num_train_steps',
+    'diffusion.optim.warmup_steps',
+    'diffusion.grad_accum_steps',     # The same update, in microbatches.
+    'diffusion.model.remat',          # The same function, recomputed.
+    'diffusion.cache_latents',
+    'diffusion.cache_shard_size',
+)
+
+# The top-level sections whose fields define each stage's checkpoints.
+STAGE_SECTIONS = {
+    'autoencoder': ('seed', 'data', 'autoencoder'),
+    'diffusion': None,  # Everything: stage 2 depends on stage 1 too.
+}
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, object]:
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{name}.'))
+    else:
+      out[name] = value
+  return out
+
+
+def _may_change(name: str) -> bool:
+  return any(name == p or name.startswith(f'{p}.') for p in MAY_CHANGE)
+
+
+def as_json(config: ml_collections.ConfigDict | dict) -> dict:
+  """The config as plain JSON data (tuples become lists), as stored in checkpoints."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def differences(stored: dict, config: ml_collections.ConfigDict | dict,
+                stage: str = 'diffusion') -> list[str]:
+  """'field: old → new' for every field of `stage` that differs and may not change."""
+  old, new = _flatten(stored), _flatten(as_json(config))
+  sections = STAGE_SECTIONS[stage]
+  names = sorted(set(old) | set(new))
+  if sections is not None:
+    names = [n for n in names if n.split('.')[0] in sections]
+  missing = object()
+  found = []
+  for name in names:
+    a, b = old.get(name, missing), new.get(name, missing)
+    if a != b and not _may_change(name):
+      show = lambda v: '(absent)' if v is missing else json.dumps(v)
+      found.append(f'{name}: {show(a)} → {show(b)}')
+  return found
+
+
+def check(config: ml_collections.ConfigDict, checkpoint_dirs: dict[str, str]) -> None:
+  """Stops with one line if `config` differs from the config stored with any stage's checkpoints.
+
+  Args:
+    config: the run's config.
+    checkpoint_dirs: stage name ('autoencoder' | 'diffusion') -> its checkpoint directory.
+  """
+  for stage, directory in checkpoint_dirs.items():
+    stored = checkpointing.stored_config(directory)
+    if stored is None:
+      continue
+    found = differences(stored, config, stage)
+    if found:
+      raise UserError(f'the config differs from the one that made the checkpoints in '
+                      f'{directory}: {"; ".join(found)}. Use a new workdir, or the old values')
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes WORKDIR/config.json; a different earlier one is kept as config.<n>.json."""
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = f.read()
+    if previous == text:
+      return path
+    n = 1
+    while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
+      n += 1
+    os.rename(path, os.path.join(workdir, f'config.{n}.json'))
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+  return path
