@@ -203,6 +203,7 @@ def save(manager: ocp.CheckpointManager, state: Any,
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return
+  finish(manager)  # The previous save's failure is reported as such, not as this one's.
   finite, record = describe(state)
   if not finite:
     kept = last_saved_step(manager)

@@ -36,11 +36,14 @@ MAY_CHANGE = (
     'diffusion.cache_shard_size',
 )
 
-# The top-level sections whose fields define each stage's checkpoints.
-STAGE_SECTIONS = {
-    'autoencoder': ('seed', 'data', 'autoencoder'),
-    'diffusion': None,  # Everything: stage 2 depends on stage 1 too.
+# The fields (prefixes) that define each stage's checkpoints. Stage 1 may be shared
+# by runs of other seeds and data pipelines (`autoencoder.workdir`): only its model,
+# its objective and the image shape count; stage 2 depends on everything.
+STAGE_FIELDS = {
+    'autoencoder': ('autoencoder', 'data.image_size', 'data.num_channels'),
+    'diffusion': None,
 }
+STAGE_MAY_CHANGE = {'autoencoder': ('autoencoder.workdir',), 'diffusion': ()}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, object]:
@@ -54,8 +57,8 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, object]:
   return out
 
 
-def _may_change(name: str) -> bool:
-  return any(name == p or name.startswith(f'{p}.') for p in MAY_CHANGE)
+def _under(name: str, prefixes) -> bool:
+  return any(name == p or name.startswith(f'{p}.') for p in prefixes)
 
 
 def as_json(config: ml_collections.ConfigDict | dict) -> dict:
@@ -69,15 +72,15 @@ def differences(stored: dict, config: ml_collections.ConfigDict | dict,
                 stage: str = 'diffusion') -> list[str]:
   """'field: old → new' for every field of `stage` that differs and may not change."""
   old, new = _flatten(stored), _flatten(as_json(config))
-  sections = STAGE_SECTIONS[stage]
+  fields, may_change = STAGE_FIELDS[stage], MAY_CHANGE + STAGE_MAY_CHANGE[stage]
   names = sorted(set(old) | set(new))
-  if sections is not None:
-    names = [n for n in names if n.split('.')[0] in sections]
+  if fields is not None:
+    names = [n for n in names if _under(n, fields)]
   missing = object()
   found = []
   for name in names:
     a, b = old.get(name, missing), new.get(name, missing)
-    if a != b and not _may_change(name):
+    if a != b and not _under(name, may_change):
       show = lambda v: '(absent)' if v is missing else json.dumps(v)
       found.append(f'{name}: {show(a)} → {show(b)}')
   return found

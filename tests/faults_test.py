@@ -145,14 +145,15 @@ def test_garbage_collection_keeps_the_newest_verified_checkpoint(checkpoints):
 @pytest.mark.parametrize('field', ['params', 'ema_params', 'opt_state'])
 def test_non_finite_state_is_refused_and_names_the_last_finite_checkpoint(checkpoints, field):
   manager = checkpointing.make_manager(str(checkpoints), keep=5)
-  state = _state(4)
+  checkpointing.save(manager, _state(4))  # Still being written when the NaN is found.
+  state = _state(5)
   poisoned = jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan) if x.ndim else x,
                           getattr(state, field))
   with pytest.raises(checkpointing.NonFiniteStateError,
-                     match='state at step 4 has NaN.*last finite checkpoint: step 3'):
+                     match='state at step 5 has NaN.*last finite checkpoint: step 4'):
     checkpointing.save(manager, state.replace(**{field: poisoned}))
-  assert manager.all_steps() == [1, 2, 3]
-  assert sorted(os.listdir(checkpoints)) == ['1', '2', '3']
+  assert manager.all_steps() == [1, 2, 3, 4]
+  assert sorted(os.listdir(checkpoints)) == ['1', '2', '3', '4']  # No tmp dir left.
 
 
 def test_checksums_agree_across_layouts():
@@ -194,8 +195,13 @@ def test_config_differences_list_model_fields_and_allow_budgets(tiny_config):
   changed.data.data_dir = '/elsewhere'
   assert config_check.differences(stored, changed) == [
       'diffusion.model.num_heads: 2 → 4', 'diffusion.prediction_type: "eps" → "v"']
-  # Stage 1 does not depend on stage-2 fields.
+  # Stage 1 does not depend on stage-2 fields, and may be shared by runs of other seeds.
+  changed.seed = 5
+  changed.autoencoder.workdir = '/shared/stage1'
   assert config_check.differences(stored, changed, 'autoencoder') == []
+  changed.autoencoder.model.latent_channels = 4
+  assert config_check.differences(stored, changed, 'autoencoder') == [
+      'autoencoder.model.latent_channels: 2 → 4']
 
 
 def test_changed_prediction_type_is_refused_before_any_write(tiny_config, tmp_path):
