@@ -337,12 +337,11 @@ def restore(manager: ocp.CheckpointManager, abstract_state: State,
       return _read_verified(manager, candidate, abstract_state)
     except _Unusable as e:
       where = f'{manager.directory}/{candidate}'
-      if _managers.get(manager, False):
-        logging.warning('checkpoint %s is unusable (%s); skipped', where, e)
-      else:
-        moved = move_aside(manager, candidate)
-        logging.warning('checkpoint %s is unusable (%s); moved to %s', where, e,
-                        os.path.basename(moved))
+      action = 'skipped'
+      if not _managers.get(manager, False):
+        action = f'moved to {os.path.basename(move_aside(manager, candidate))}'
+      if jax.process_index() == 0:  # One line per run, not per process.
+        logging.warning('checkpoint %s is unusable (%s); %s', where, e, action)
   raise UserError(f'no usable checkpoint in {manager.directory} (tried steps '
                   f'{", ".join(map(str, steps))})')
 

@@ -183,7 +183,7 @@ def _check_finite(stage: str, step: int, metrics: dict[str, float],
                   manager) -> None:
   if not np.isfinite(metrics['loss']):
     kept = checkpointing.last_saved_step(manager)  # Saved states are checked finite.
-    last = f'{manager.directory}/{kept}' if kept is not None else 'none'
+    last = f'step {kept}' if kept is not None else 'none'
     raise UserError(f'{stage}: loss is {metrics["loss"]} at step {step}; stopped without '
                     f'saving (last finite checkpoint: {last})')
 
