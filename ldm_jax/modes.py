@@ -3,8 +3,8 @@
 `run` is the one way in: it validates the config (and the mode's own section and
 options), takes the workdir's lock (one run per workdir), builds the mesh once, and
 calls the mode, which receives both ready. A mode checks everything else (dataset,
-batch sizes, the config stored with the checkpoints) before its first write. Modes restore
-what they need through `ldm_jax.stages`; the training modes hand the trainer its
+batch sizes, the config stored with the checkpoints) before its first write. Modes
+restore what they need through `ldm_jax.stages`; the training modes hand the trainer its
 in-training hooks (samples, evaluations), so that `ldm_jax.train` knows only steps
 and the loop.
 """

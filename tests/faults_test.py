@@ -207,11 +207,12 @@ def test_config_differences_list_model_fields_and_allow_budgets(tiny_config):
 
 def test_config_check_field_lists_name_fields_of_the_config(tiny_config):
   """A renamed config field must be renamed in these lists too, or it stops counting."""
-  names = config_check._flatten(config_check.as_json(tiny_config))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  names = config_check._flatten(config_check.as_json(tiny_config))
   prefixes = (*config_check.MAY_CHANGE, *config_check.STAGE_FIELDS['autoencoder'],
               *(p for ps in config_check.STAGE_MAY_CHANGE.values() for p in ps))
-  missing = [p for p in prefixes if not any(config_check._under(n, [p]) for n in names)]  # pylint: disable=protected-access
-  assert not missing
+  missing = [p for p in prefixes if not any(config_check._under(n, [p]) for n in names)]
+  assert not missing, missing
 
 
 def test_changed_prediction_type_is_refused_before_any_write(tiny_config, tmp_path):
