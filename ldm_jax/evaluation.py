@@ -409,7 +409,7 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
                    config.data.eval_split, mesh)
   accuracy = float(np.mean(np.argmax(test['logits'], axis=-1) == test['label']))
   checkpointing.save(manager, state)
-  manager.wait_until_finished()
+  checkpointing.finish(manager)  # A failed write: one line, no hang.
   if jax.process_index() == 0:
     stale = os.path.join(directory, REAL_CLASSIFIER_FEATURES)
     if os.path.exists(stale):  # Features of an earlier classifier.

@@ -17,11 +17,27 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
   return grid
 
 
+def free_sample_names(directory: str, step: int) -> tuple[str, str]:
+  """`grid_<step>_sample<n>.png`, `samples_<step>_sample<n>.npz` with the first unused n."""
+  n = 1
+  while os.path.exists(os.path.join(directory, f'samples_{step}_sample{n}.npz')):
+    n += 1
+  return (os.path.join(directory, f'grid_{step}_sample{n}.png'),
+          os.path.join(directory, f'samples_{step}_sample{n}.npz'))
+
+
 def write_samples(directory: str, step: int, grid: np.ndarray, images: np.ndarray,
-                  labels: np.ndarray | None) -> tuple[str, str]:
-  """Writes `grid_<step>.png` and `samples_<step>.npz` (`images`, and `labels` if any)."""
-  png = os.path.join(directory, f'grid_{step}.png')
-  npz = os.path.join(directory, f'samples_{step}.npz')
+                  labels: np.ndarray | None, own_files: bool = False) -> tuple[str, str]:
+  """Writes `grid_<step>.png` and `samples_<step>.npz` (`images`, and `labels` if any).
+
+  With `own_files`, new names (`free_sample_names`) that never replace earlier ones,
+  such as the training run's samples of the same step.
+  """
+  if own_files:
+    png, npz = free_sample_names(directory, step)
+  else:
+    png = os.path.join(directory, f'grid_{step}.png')
+    npz = os.path.join(directory, f'samples_{step}.npz')
   arrays = {'images': images} if labels is None else {'images': images, 'labels': labels}
   save_grid_and_arrays(png, npz, grid, arrays)
   return png, npz

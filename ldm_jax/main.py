@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import modes, preemption, sharding
+from ldm_jax import checkpointing, modes, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -73,8 +73,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _quiet_libraries(record: logging_std.LogRecord) -> bool:
   # Our INFO lines tell the story; the libraries' INFO chatter (orbax, TFDS) drowns it.
-  return record.levelno > logging_std.INFO or not any(
-      f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+  # All of orbax's: `checkpointing` reports an unusable checkpoint in one warning line
+  # and a failed write in one error line; orbax's own lines (tracebacks included)
+  # would repeat them many times over.
+  if f'{os.sep}orbax{os.sep}' in record.pathname:
+    return False
+  return (record.levelno > logging_std.INFO or
+          f'{os.sep}tensorflow_datasets{os.sep}' not in record.pathname)
 
 
 def main(argv: list[str]) -> None:
@@ -92,11 +97,24 @@ def main(argv: list[str]) -> None:
               modes.Options(num_samples=FLAGS.num_samples,
                             prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None))
   except UserError as e:
-    sys.exit(f'error: {_one_line(e)}')
+    _exit_with_error(f'error: {_one_line(e)}')
   except preemption.Preempted as e:
     if jax.process_index() == 0:
       print(e)
     sys.exit(0)
+
+
+def _exit_with_error(message: str) -> None:
+  """Awaits pending checkpoint saves, prints `message`, and exits 1 with nothing after it."""
+  checkpointing.wait_all()
+  if jax.distributed.is_initialized():
+    sys.exit(message)  # The processes shut the distributed runtime down together.
+  print(message, file=sys.stderr, flush=True)
+  logging.flush()
+  sys.stdout.flush()
+  # Library threads and atexit hooks (orbax's event loop, a failed save's waiters)
+  # would print tracebacks after the error line, or wait: end here.
+  os._exit(1)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,10 @@
 """What `--mode` runs: every mode is one function of (config, workdir, mesh, options).
 
-`run` is the one way in: it validates the config (and the mode's own section),
-builds the mesh once, and calls the mode, which receives both ready. Modes restore
-what they need through `ldm_jax.stages`; the training modes hand the trainer its
+`run` is the one way in: it validates the config (and the mode's own section and
+options), takes the workdir's lock (one run per workdir), builds the mesh once, and
+calls the mode, which receives both ready. A mode checks everything else (dataset,
+batch sizes, the config stored with the checkpoints) before its first write. Modes
+restore what they need through `ldm_jax.stages`; the training modes hand the trainer its
 in-training hooks (samples, evaluations), so that `ldm_jax.train` knows only steps
 and the loop.
 """
@@ -19,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import builders, conditioning, editing, evaluation, generate, input_pipeline
 from ldm_jax import images as image_io
-from ldm_jax import latent_cache, preemption, pretrained, sharding, stages, train
+from ldm_jax import latent_cache, preemption, pretrained, sharding, stages, train, workdir_lock
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -51,7 +53,9 @@ def _sample_conditions(config, workdir, num_samples: int, prompts=None):
 
 
 def _write_samples(config, workdir, mesh, trained: stages.Trained, num_samples: int,
-                   writer=None, conditions=None, ncols=None) -> None:
+                   writer=None, conditions=None, ncols=None, own_files: bool = False) -> None:
+  """Writes samples_<step>.npz and grid_<step>.png; with `own_files`, new names
+  (`..._<step>_sample<n>`) that never replace the training run's samples."""
   if conditions is None:
     conditions, ncols = _sample_conditions(config, workdir, num_samples)
   sampler = generate.Sampler(config, mesh, trained.denoiser, trained.autoencoder)
@@ -61,7 +65,8 @@ def _write_samples(config, workdir, mesh, trained: stages.Trained, num_samples: 
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     grid = image_io.make_grid(images, ncols) if ncols else sampler.grid(images)
-    png, npz = image_io.write_samples(stages.samples_dir(workdir), step, grid, images, labels)
+    png, npz = image_io.write_samples(stages.samples_dir(workdir), step, grid, images, labels,
+                                      own_files=own_files)
     print(f'samples: {png} and {npz}')
     if writer is not None:
       writer.image('diffusion/samples', grid, step)
@@ -96,14 +101,27 @@ def training_hooks(config: ml_collections.ConfigDict, workdir: str, mesh, autoen
   return make_hooks
 
 
-def _prepare_training(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks the dataset and the workdir before any training; saves the config."""
+def _prepare_training(config: ml_collections.ConfigDict, workdir: str, mesh,
+                      stage_names: tuple[str, ...]) -> None:
+  """Checks dataset, batch sizes and the checkpoints' config before any write; saves the config.
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+    mesh: the run's mesh.
+    stage_names: the stages the mode trains (see `stages.STAGES`).
+  """
   if jax.process_index() == 0:  # Prepares a dataset once, not in every process at once.
     input_pipeline.dataset_info(config.data)  # An unknown or unreachable dataset stops here.
   multihost_utils.sync_global_devices('dataset prepared')
   input_pipeline.dataset_info(config.data)
+  sharding.check_batch_size(config.data.batch_size, mesh)
+  if 'diffusion' in stage_names:
+    sharding.check_batch_size(config.data.batch_size // config.diffusion.grad_accum_steps, mesh,
+                              'data.batch_size / diffusion.grad_accum_steps')
+  stages.check_config(config, workdir, stage_names)
   stages.prepare_workdir(workdir)
-  stages.save_config(config, workdir)
+  stages.save_config(config, workdir)  # Only now: a failed check keeps the old record.
 
 
 # ----------------------------------------------------------------- modes ----
@@ -113,7 +131,7 @@ def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str, mesh
                            options: Options) -> None:
   """Stage 1 only, e.g. one first stage shared by many runs through autoencoder.workdir."""
   del options
-  _prepare_training(config, workdir)
+  _prepare_training(config, workdir, mesh, ('autoencoder',))
   with preemption.handle_sigterm():
     train.train_autoencoder(config, workdir, mesh)
 
@@ -121,7 +139,7 @@ def train_autoencoder_mode(config: ml_collections.ConfigDict, workdir: str, mesh
 def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> None:
   """Stage 1, then stage 2, then samples, each resumed or skipped when done."""
   del options
-  _prepare_training(config, workdir)
+  _prepare_training(config, workdir, mesh, stages.STAGES)
   with preemption.handle_sigterm():
     autoencoder, ae_params = train.train_autoencoder(config, workdir, mesh)
     denoiser, state = train.train_diffusion(
@@ -136,8 +154,8 @@ def encode_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: 
   """Encodes the train split with the trained autoencoder into WORKDIR/latents."""
   del options
   input_pipeline.dataset_info(config.data)
-  stages.prepare_workdir(workdir)
   autoencoder, ae_params = stages.restore_autoencoder(config, workdir, mesh)
+  stages.prepare_workdir(workdir)
   directory = latent_cache.build(config, workdir, mesh, autoencoder, ae_params)
   if jax.process_index() == 0:
     print(f'latents: {directory}')
@@ -147,7 +165,8 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: 
   """Loads the latest diffusion checkpoint (EMA params) and writes samples.
 
   A text-conditioned model samples one grid row per prompt when `options.prompts`
-  are given.
+  are given. The files are new ones (`samples_<step>_sample<n>.npz`, `grid_...png`):
+  the training run's samples of the same step stay as they were.
   """
   num_samples = options.num_samples or config.sample.num_samples
   # Before restoring: a bad prompt stops at once.
@@ -155,7 +174,13 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: 
   trained = stages.restore_trained(config, workdir, mesh)
   stages.prepare_workdir(workdir)
   _write_samples(config, workdir, mesh, trained, num_samples, conditions=conditions,
-                 ncols=ncols)
+                 ncols=ncols, own_files=True)
+
+
+def _check_sample(config: ml_collections.ConfigDict, options: Options) -> None:
+  if options.num_samples is not None and options.num_samples <= 0:
+    raise UserError(f'--num_samples={options.num_samples}; accepted: a positive number (or '
+                    f'none for config.sample.num_samples={config.sample.num_samples})')
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Options) -> dict:
@@ -171,7 +196,8 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Op
                                    trained.autoencoder, trained.ae_params, writer)
 
 
-def _check_merge_lora(config: ml_collections.ConfigDict) -> None:
+def _check_merge_lora(config: ml_collections.ConfigDict, options: Options) -> None:
+  del options
   if not config.diffusion.lora.rank:
     raise UserError('--mode=merge_lora needs the LoRA run\'s config; accepted: '
                     'config.diffusion.lora.rank > 0 with its config.diffusion.init_from')
@@ -290,22 +316,26 @@ MODES: dict[str, Mode] = {
     'encode': encode_mode,
     'merge_lora': merge_lora_mode,
 }
-# Checks of a mode's own config section, run with `validate_config` before any work.
-_MODE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    'edit': editing.validate_edit_config,
+# Checks of a mode's own config section and options, run with `validate_config`
+# before any work.
+_MODE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, Options], None]] = {
+    'sample': _check_sample,
+    'edit': lambda config, options: editing.validate_edit_config(config),
     'merge_lora': _check_merge_lora,
 }
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
         options: Options = Options()):
-  """Validates `config` for `mode`, builds the mesh, and runs the mode; returns its result."""
+  """Validates `config` for `mode`, holds the workdir's lock, builds the mesh, and runs the
+  mode; returns its result."""
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; accepted: {", ".join(MODES)}')
   validate_config(config)
   if mode in _MODE_CHECKS:
-    _MODE_CHECKS[mode](config)
-  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
-  logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
-               jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
-  return MODES[mode](config, workdir, mesh, options)
+    _MODE_CHECKS[mode](config, options)
+  with workdir_lock.hold(workdir):  # One run per workdir.
+    mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+    logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
+    return MODES[mode](config, workdir, mesh, options)

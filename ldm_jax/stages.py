@@ -2,7 +2,8 @@
 
 A run's directory (`WORKDIR`) holds, and only this module names the paths:
 
-  config.json                     the config of the last start
+  config.json                     the config of the last start (config.<n>.json: earlier ones)
+  .lock                           held by the running process (`ldm_jax.workdir_lock`)
   autoencoder/{checkpoints,tensorboard}
   diffusion/{checkpoints,tensorboard}, diffusion/vocabulary.txt (text conditioning)
   latents/                        the encoded-latent cache (`--mode=encode`, cache_latents)
@@ -24,8 +25,8 @@ from absl import logging
 from flax import linen as nn
 from flax.metrics import tensorboard
 
-from ldm_jax import builders, checkpointing, conditioning, finetune, models, optim, pretrained
-from ldm_jax import sharding
+from ldm_jax import builders, checkpointing, conditioning, config_check, finetune, models, optim
+from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
 
@@ -84,10 +85,49 @@ def prepare_workdir(workdir: str) -> None:
     raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
 
 
+def config_path(workdir: str, version: int | None = None) -> str:
+  """WORKDIR/config.json, or the earlier config.<version>.json it replaced."""
+  return os.path.join(workdir, 'config.json' if version is None else f'config.{version}.json')
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str,
+                 stage_names: tuple[str, ...]) -> None:
+  """Stops with one line if `config` differs from the one stored with the stages' checkpoints.
+
+  Stage 1's checkpoints are this run's or `config.autoencoder.workdir`'s; a pretrained
+  autoencoder has none. See `ldm_jax.config_check` for the fields that count.
+  """
+  directories = {}
+  for stage in stage_names:
+    if stage == 'autoencoder':
+      if not config.autoencoder.pretrained:
+        directories[stage] = autoencoder_checkpoint_dir(config, workdir)
+    else:
+      directories[stage] = checkpoint_dir(workdir, stage)
+  config_check.check(config, directories)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  """Writes WORKDIR/config.json (process 0); a different earlier one is kept as config.<n>.json.
+
+  Called only after every check of the run has passed: a run that stops on one
+  leaves the earlier record as it was.
+  """
+  if jax.process_index() != 0:
+    return
+  path = config_path(workdir)
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    version = 1
+    while os.path.exists(config_path(workdir, version)):
+      version += 1
+    os.rename(path, config_path(workdir, version))
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def summary_writer(workdir: str, stage: str):
@@ -213,8 +253,13 @@ def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
     _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)
     return builders.build_autoencoder(config), jax.device_put(params, sharding.replicated(mesh))
   model, _, _, abstract = autoencoder_setup(config, mesh)
-  manager = checkpointing.make_manager(autoencoder_checkpoint_dir(config, workdir),
-                                       keep=config.train.keep_checkpoints, read_only=True)
+  ckpt_dir = autoencoder_checkpoint_dir(config, workdir)
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f'no autoencoder checkpoint in {ckpt_dir}; run --mode=train first')
+  check_config(config, workdir, ('autoencoder',))
+  # Another run's checkpoints are only read; this run's unusable ones are moved aside.
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
+                                       read_only=bool(config.autoencoder.workdir))
   if manager.latest_step() is None:
     raise UserError(f'no autoencoder checkpoint in {manager.directory}; '
                     f'run --mode=train first')
@@ -230,13 +275,17 @@ class Trained(NamedTuple):
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh) -> Trained:
-  """The latest diffusion checkpoint of a run (LoRA merged into its base) and its stage 1."""
+  """The newest verified diffusion checkpoint of a run (LoRA merged into its base), its stage 1.
+
+  Both stages' stored configs are compared with `config` first (`check_config`).
+  """
   ckpt_dir = checkpoint_dir(workdir, 'diffusion')
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   denoiser, _, _, abstract = diffusion_setup(config, mesh)
-  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints,
-                                       read_only=True)
+  check_config(config, workdir, ('diffusion', 'autoencoder'))  # Before any checkpoint moves.
+  # Unusable checkpoints are moved aside (`checkpointing.restore`).
+  manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
   if manager.latest_step() is None:
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   state = checkpointing.restore(manager, abstract)

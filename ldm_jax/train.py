@@ -153,9 +153,10 @@ def _train_batches(config: ml_collections.ConfigDict, mesh, start_step: int,
 def _check_finite(stage: str, step: int, metrics: dict[str, float],
                   manager) -> None:
   if not np.isfinite(metrics['loss']):
-    kept = manager.latest_step()
+    kept = checkpointing.last_saved_step(manager)  # Saved states are checked finite.
+    last = f'step {kept}' if kept is not None else 'none'
     raise UserError(f'{stage}: loss is {metrics["loss"]} at step {step}; stopped without '
-                    f'saving (last good checkpoint: step {kept})')
+                    f'saving (last finite checkpoint: {last})')
 
 
 def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterator[Batch],
@@ -191,9 +192,9 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
           writer.flush()
       preempted = preemption.reached()
       if save_now or preempted:
-        checkpointing.save(manager, state)
+        checkpointing.save(manager, state, config)  # Refuses a non-finite state.
       if preempted:
-        manager.wait_until_finished()
+        checkpointing.finish(manager)
         raise preemption.Preempted(stage, step)
       # Every process runs the callback: it computes over the global mesh; only
       # process 0 has a writer.
@@ -202,7 +203,7 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
         on_images(state)
       if on_eval and train_config.eval_every and step % train_config.eval_every == 0:
         on_eval(state)
-  manager.wait_until_finished()
+  checkpointing.finish(manager)
   return state
 
 

@@ -444,7 +444,7 @@ def test_text_run_end_to_end(captions_data_dir, tmp_path):
   assert 'seven' in vocabulary.words
   modes.run('sample', config, workdir,
             modes.Options(num_samples=6, prompts=('a thick three', 'a two')))
-  grid = np.asarray(Image.open(tmp_path / 'samples' / 'grid_2.png'))
+  grid = np.asarray(Image.open(tmp_path / 'samples' / 'grid_2_sample1.png'))
   assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)  # One row per prompt.
   with pytest.raises(UserError, match="unknown word\\(s\\) 'fat'"):
     modes.run('sample', config, workdir, modes.Options(prompts=('a fat three',)))

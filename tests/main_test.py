@@ -59,7 +59,9 @@ def test_train_resume_and_sample(tmp_path, digits_data_dir):
                                '--config.sample.guidance_scale=2',
                                '--config.diffusion.num_train_steps=6'))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert np.load(workdir / 'samples' / 'samples_6.npz')['images'].shape == (3, 32, 32, 1)
+  # Its own files: the training run's samples stay as they were.
+  assert np.load(workdir / 'samples' / 'samples_6_sample1.npz')['images'].shape == (3, 32, 32, 1)
+  assert np.load(workdir / 'samples' / 'samples_6.npz')['images'].shape == (8, 32, 32, 1)
 
   # Inpaint the first sample: white in the mask is the region to fill.
   image = np.load(workdir / 'samples' / 'samples_6.npz')['images'][0, ..., 0]

@@ -156,7 +156,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
   config = config.copy_and_resolve_references()
   config.train.update(log_every=1, checkpoint_every=2)
   batches = iter(lambda: sharding.global_batch(batch, mesh), None)
-  with pytest.raises(UserError, match='loss is nan at step 4.*last good checkpoint: step 2'):
+  with pytest.raises(UserError, match='loss is nan at step 4.*last finite checkpoint: step 2'):
     train._run_stage('autoencoder', state, poisoned_step, batches, num_train_steps=10,
                      manager=manager, writer=None, config=config)
   manager.wait_until_finished()
