@@ -7,12 +7,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel
 from ldm_jax.models.classifier import Classifier
 from ldm_jax.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {
     'autoencoder_kl': AutoencoderKL,
+    'vq': VQModel,
+    'identity': IdentityFirstStage,
     'unet': UNet,
 }
 
@@ -67,5 +69,5 @@ def count_params(params: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ['MODELS', 'AutoencoderKL', 'Classifier', 'UNet', 'count_params', 'get_model',
+__all__ = ['MODELS', 'AutoencoderKL', 'Classifier', 'IdentityFirstStage', 'VQModel', 'UNet', 'count_params', 'get_model',
            'model_fields']
