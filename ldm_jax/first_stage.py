@@ -80,7 +80,8 @@ class FirstStageTrainState(TrainState):
   disc_opt_state: optax.OptState = None
   logvar: jax.Array = None                 # [] float32
   logvar_opt_state: optax.OptState = None  # The autoencoder's optimizer on `logvar`.
-  disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+  # The discriminator's optimizer is an argument of `train_step`, not a static field:
+  # states built by separate calls must have equal tree structures.
 
 
 def build_discriminator(config: ml_collections.ConfigDict) -> nn.Module:
@@ -106,7 +107,7 @@ def create_state(config: ml_collections.ConfigDict, params: Params,
       step=jnp.zeros((), jnp.int32), params=params,
       ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=rng, tx=tx,
       disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), logvar=logvar,
-      logvar_opt_state=tx.init(logvar), disc_tx=disc_tx)
+      logvar_opt_state=tx.init(logvar))
 
 
 def load_lpips_params(config: ml_collections.ConfigDict) -> dict | None:
@@ -130,7 +131,8 @@ def _last_layer(grads: Params) -> jax.Array:
 
 
 def train_step(state: FirstStageTrainState, batch: dict[str, jax.Array],
-               lpips_params: dict | None, *, model: nn.Module, disc: nn.Module, spec: LossSpec,
+               lpips_params: dict | None, *, model: nn.Module, disc: nn.Module,
+               disc_tx: optax.GradientTransformation, spec: LossSpec,
                lr_schedule: optax.Schedule) -> tuple[FirstStageTrainState, Metrics]:
   """One generator (autoencoder) update and one discriminator update.
 
@@ -140,6 +142,7 @@ def train_step(state: FirstStageTrainState, batch: dict[str, jax.Array],
     lpips_params: LPIPS params (frozen), or None when perceptual_weight is 0.
     model: an `AutoencoderKL` or `VQModel`.
     disc: the discriminator.
+    disc_tx: its optimizer.
     spec: the loss settings.
     lr_schedule: for the logged learning rate.
 
@@ -238,7 +241,7 @@ def train_step(state: FirstStageTrainState, batch: dict[str, jax.Array],
     # Before disc.start the loss is 0 · (...): zero gradients, as taming's optimizer sees.
     (d_loss, (logits_real, logits_fake)), d_grads = jax.lax.cond(
         active, disc_grads, no_disc_grads, None)
-    d_updates, disc_opt_state = state.disc_tx.update(d_grads, state.disc_opt_state,
+    d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state,
                                                      state.disc_params)
     disc_params = optax.apply_updates(state.disc_params, d_updates)
   else:

@@ -23,6 +23,7 @@ from flax.metrics import tensorboard
 from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, conditioning, diffusion, evaluation, finetune
+from ldm_jax import first_stage
 from ldm_jax import generate
 from ldm_jax import grad_accum, input_pipeline, latent_cache, losses, models, optim, preemption
 from ldm_jax import pretrained, sharding
@@ -40,7 +41,12 @@ def init_autoencoder_state(config: ml_collections.ConfigDict, model: nn.Module,
                            tx: optax.GradientTransformation) -> TrainState:
   rng_params, rng_state = jax.random.split(jax.random.PRNGKey(config.seed))
   size, channels = config.data.image_size, config.data.num_channels
-  params = model.init(rng_params, jnp.zeros((1, size, size, channels)))['params']
+  # The identity first stage has no parameters.
+  params = model.init(rng_params, jnp.zeros((1, size, size, channels))).get('params', {})
+  if first_stage.uses_objective(config):  # LPIPS / PatchGAN / VQ: adds the discriminator.
+    disc_tx, _ = first_stage.make_disc_optimizer(config)
+    return first_stage.create_state(config, params, tx, rng_state,
+                                    first_stage.build_discriminator(config), disc_tx)
   return create_train_state(params, tx, rng_state)
 
 
@@ -290,6 +296,8 @@ def _shardings(tree):
 
 def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(model, params) of the trained stage 1, EMA params (== raw params when decay is 0)."""
+  if config.autoencoder.model.name == 'identity' and not config.autoencoder.pretrained:
+    return builders.build_autoencoder(config), {}
   if config.autoencoder.pretrained:
     logging.info('autoencoder: pretrained %s', config.autoencoder.pretrained)
     _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)
@@ -308,6 +316,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   if config.autoencoder.workdir or config.autoencoder.pretrained:
     logging.info('autoencoder: using %s', config.autoencoder.workdir or config.autoencoder.pretrained)
     return restore_autoencoder(config, workdir, mesh)
+  if config.autoencoder.model.name == 'identity':
+    logging.info('autoencoder: identity (pixel-space diffusion); nothing to train')
+    return builders.build_autoencoder(config), {}
   ckpt_dir, log_dir = _stage_dirs(workdir, 'autoencoder')
   model, tx, lr_schedule, abstract = autoencoder_setup(config, mesh)
   manager = checkpointing.make_manager(ckpt_dir, keep=config.train.keep_checkpoints)
@@ -321,11 +332,14 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
 
   sharding.check_batch_size(config.data.batch_size, mesh)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
-                        lr_schedule=lr_schedule),
-      in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
+  if first_stage.uses_objective(config):
+    step_fn = _first_stage_step_fn(config, model, lr_schedule, state_sharding, mesh)
+  else:
+    step_fn = jax.jit(
+        functools.partial(autoencoder_train_step, model=model, config=config.autoencoder,
+                          lr_schedule=lr_schedule),
+        in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
   writer = summary_writer(log_dir)
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
@@ -352,6 +366,23 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
     writer.scalar(f'eval/psnr_{config.data.eval_split}', psnr, int(state.step))
     writer.flush()
   return model, state.ema_params
+
+
+def _first_stage_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
+                         lr_schedule: optax.Schedule, state_sharding, mesh) -> Callable:
+  """`step_fn(state, batch)` of the LPIPS / PatchGAN / VQ objective (`first_stage.py`)."""
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  lpips_params = first_stage.load_lpips_params(config)
+  if lpips_params is not None:
+    lpips_params = jax.device_put(lpips_params, replicated)
+  step = jax.jit(
+      functools.partial(first_stage.train_step, model=model,
+                        disc=first_stage.build_discriminator(config),
+                        disc_tx=first_stage.make_disc_optimizer(config)[0],
+                        spec=first_stage.LossSpec.from_config(config), lr_schedule=lr_schedule),
+      in_shardings=(state_sharding, data, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return lambda state, batch: step(state, batch, lpips_params)
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[Batch]:

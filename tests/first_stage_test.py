@@ -73,7 +73,8 @@ def _setup(model, config):
   state = first_stage.create_state(config, params, tx, jax.random.PRNGKey(3), disc, disc_tx)
   spec = first_stage.LossSpec.from_config(config)
   step = jax.jit(lambda s, b: first_stage.train_step(s, b, None, model=model, disc=disc,
-                                                     spec=spec, lr_schedule=schedule))
+                                                     disc_tx=disc_tx, spec=spec,
+                                                     lr_schedule=schedule))
   return state, step, {'image': images}, disc, spec
 
 

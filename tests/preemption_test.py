@@ -49,7 +49,10 @@ def _final_state(workdir, config, mesh, stage='autoencoder'):
 
 
 def _assert_states_equal(a, b):
-  for field in ('step', 'params', 'ema_params', 'opt_state', 'rng'):
+  fields = ['step', 'params', 'ema_params', 'opt_state', 'rng']
+  if hasattr(a, 'disc_params'):  # Stage 1 with the PatchGAN objective.
+    fields += ['disc_params', 'disc_opt_state', 'logvar', 'logvar_opt_state']
+  for field in fields:
     jax.tree.map(np.testing.assert_array_equal, getattr(a, field), getattr(b, field))
 
 
@@ -61,11 +64,27 @@ def all_devices():
 
 
 def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path, all_devices):
+  _preempt_resume_and_compare(tiny_config, tmp_path, all_devices, {})
+
+
+# The PatchGAN objective from step 0, with a learned NLL log-variance: the
+# discriminator's params and Adam state are part of the bit-identical state.
+GAN_OVERRIDES = {'autoencoder.disc.weight': 0.5, 'autoencoder.disc.start': 0,
+                 'autoencoder.disc.ndf': 8, 'autoencoder.disc.num_layers': 2,
+                 'autoencoder.disc.optim.learning_rate': 1e-3,
+                 'autoencoder.learn_logvar': True}
+
+
+def test_sigterm_resume_with_discriminator_is_bit_identical(tiny_config, tmp_path, all_devices):
+  _preempt_resume_and_compare(tiny_config, tmp_path, all_devices, GAN_OVERRIDES)
+
+
+def _preempt_resume_and_compare(tiny_config, tmp_path, all_devices, extra: dict):
   workdir = tmp_path / 'preempted'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   args = [f'--config={ROOT}/configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.data_dir={tiny_config.data.data_dir}']
-  args += [f'--config.{k}={v}' for k, v in _overrides(LONG).items()]
+  args += [f'--config.{k}={v}' for k, v in {**_overrides(LONG), **extra}.items()]
   process = subprocess.Popen([sys.executable, '-m', 'ldm_jax.main', *args], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   stderr = []
@@ -91,7 +110,7 @@ def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path
   assert 1 <= stopped_at < LONG
 
   # Rerunning resumes from the saved step; two more steps there equal one run of k + 2.
-  config = _apply(tiny_config, _overrides(stopped_at + 2))
+  config = _apply(tiny_config, {**_overrides(stopped_at + 2), **extra})
   assert _final_state(workdir, config, all_devices)[0] == [stopped_at]
   train.train_autoencoder(config, str(workdir), all_devices)
   train.train_autoencoder(config, str(tmp_path / 'uninterrupted'), all_devices)
