@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from ldm_jax import first_stage, losses
+from ldm_jax import builders, evaluation, first_stage, losses, sharding, train
 from ldm_jax.models import AutoencoderKL, VQModel
 from ldm_jax.models import discriminator
+from ldm_jax.validation import validate_config
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 sys.path.insert(0, str(FIXTURES))
@@ -123,3 +124,32 @@ def test_before_disc_start_only_the_reconstruction_objective_trains():
   assert int(new_state.step) == 1 and not np.array_equal(
       new_state.params['decoder']['conv_out']['kernel'],
       state.params['decoder']['conv_out']['kernel'])
+
+
+def test_identity_first_stage_is_pixel_space_and_skips_stage_1(tiny_config, tmp_path):
+  tiny_config.autoencoder.model.name = 'identity'
+  validate_config(tiny_config)
+  assert builders.latent_shape(tiny_config) == (32, 32, 1)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model, params = train.train_autoencoder(tiny_config, str(tmp_path), mesh)
+  assert params == {} and not (tmp_path / 'autoencoder').exists()
+  images = jnp.linspace(-1, 1, 2 * 32 * 32).reshape(2, 32, 32, 1)
+  mean, logvar = model.apply({'params': params}, images, method=model.encode)
+  np.testing.assert_array_equal(mean, images)
+  assert float(jnp.max(jnp.exp(0.5 * logvar))) < 1e-6
+  metrics, _ = evaluation.reconstruction_metrics(tiny_config, mesh, model, params)
+  assert metrics['ae_psnr'] == np.inf and metrics['ae_ssim'] == pytest.approx(1.0)
+
+
+def test_vq_eval_metrics_report_codebook_usage(tiny_config):
+  model = VQModel(out_channels=1, block_out_channels=(8,), layers_per_block=1, latent_channels=2,
+                  num_vq_embeddings=16, norm_num_groups=4)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))['params']
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  metrics, recon = evaluation.reconstruction_metrics(tiny_config, mesh, model, params)
+  codes = recon['codes'].ravel()
+  assert len(recon['psnr']) == 297  # The whole eval split, padding dropped.
+  np.testing.assert_allclose(metrics['ae_codebook_usage'], len(np.unique(codes)) / 16)
+  counts = np.bincount(codes, minlength=16) / codes.size
+  entropy = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
+  np.testing.assert_allclose(metrics['ae_codebook_perplexity'], np.exp(entropy), rtol=1e-5)
