@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
 from ldm_jax import perceptual
 from ldm_jax.errors import UserError
+from ldm_jax.validation import validate_config
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 sys.path.insert(0, str(FIXTURES))
@@ -52,3 +54,11 @@ def test_load_lpips_reads_the_torch_files_and_refuses_bad_ones(tmp_path):
   np.savez(tmp_path / 'bad.npz', **vgg)
   with pytest.raises(UserError, match=r"'features.28.weight' has shape"):
     perceptual.load_lpips(str(tmp_path / 'bad.npz'), str(FIXTURES / 'lpips_vgg_lin.pth'))
+
+
+def test_perceptual_term_without_weights_is_refused_not_dropped():
+  config = tiny.get_config()
+  config.autoencoder.perceptual_weight = 1.0
+  config.autoencoder.lpips_vgg_weights = 'vgg16.pth'
+  with pytest.raises(UserError, match='perceptual_weight > 0 needs the LPIPS weights'):
+    validate_config(config)
