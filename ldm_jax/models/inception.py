@@ -377,8 +377,8 @@ def read_torch_state_dict(path: str, label: str = 'Inception weights') -> dict[s
     with open(path, 'rb') as f:
       legacy = f.read(2) == b'\x80\x02'  # Pickle protocol 2: the legacy format's header.
     if not legacy:
-      raise UserError(f'{label} {path}: not a torch checkpoint; accepted: .pth from '
-                      f'torch.save, .npz or .safetensors')
+      raise UserError(f'{label} {path}: not a torch zip checkpoint (nor the legacy format); '
+                      f'accepted: .pth from torch.save, .npz or .safetensors')
     state_dict = _read_legacy_torch(path, label)
   if not isinstance(state_dict, dict):
     raise UserError(f'{label} {path}: holds a {type(state_dict).__name__}, not a state dict')
