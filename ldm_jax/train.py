@@ -1,7 +1,9 @@
 """The two training stages: jitted train steps and the loop with periodic actions.
 
-Stage 1 (`autoencoder`) learns the KL autoencoder on images; stage 2 (`diffusion`)
-learns a denoiser of latents of the frozen stage-1 encoder. Both stages share one
+Stage 1 (`autoencoder`) learns the KL or VQ autoencoder on images, with the plain
+loss (`autoencoder_train_step`) or LDM's LPIPS / PatchGAN objective
+(`first_stage.train_step`), and is skipped for the identity first stage; stage 2
+(`diffusion`) learns a denoiser of latents of the frozen stage-1 encoder. Both stages share one
 loop (`_run_stage`): progress bar, TensorBoard, NaN check, checkpoints. Rerunning
 the same command resumes each stage from its latest checkpoint and skips a finished
 one. Setup, state init, restore and the workdir layout are `ldm_jax.stages`'; what

@@ -45,6 +45,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.autoencoder.pretrained and config.autoencoder.workdir:
     raise UserError('config.autoencoder.pretrained and config.autoencoder.workdir are both set; '
                     'accepted: at most one source of stage-1 weights')
+  # Building the autoencoder (for its downsampling factor) needs a valid dtype.
+  _one_of(config, 'autoencoder.compute_dtype', builders.COMPUTE_DTYPES)
   factor = builders.downsample_factor(config)
   _check(config, 'data.image_size', lambda v: v % factor == 0,
          f'a multiple of the autoencoder downsampling factor {factor}')
