@@ -47,6 +47,25 @@ def get_config() -> ml_collections.ConfigDict:
       ),
       kl_weight=1e-6,         # LDM's KL-reg weight: latents stay close to identity-scaled.
       reconstruction_loss='l1',
+      # LDM's first-stage objective (taming's LPIPSWithDiscriminator; for VQ models
+      # VQLPIPSWithDiscriminator) replaces the plain loss above when perceptual_weight
+      # or disc.weight is > 0, and always for model.name='vq'.
+      perceptual_weight=0.0,  # > 0: adds weight * LPIPS(x, x_rec); needs both files:
+      lpips_vgg_weights='',   # torchvision's vgg16 state dict (vgg16-397923af.pth).
+      lpips_lin_weights='',   # the lpips package's weights/v0.1/vgg.pth.
+      logvar_init=0.0,        # KL models: log-variance of the NLL.
+      learn_logvar=False,     # LDM's KL models keep it at logvar_init (not optimized).
+      codebook_weight=1.0,    # VQ models: weight of the codebook loss.
+      disc=dict(              # PatchGAN discriminator (taming's NLayerDiscriminator).
+          weight=0.0,         # 0 = no discriminator; scales the adaptive weight.
+          start=50_001,       # Step from which the adversarial terms are on.
+          factor=1.0,
+          loss='hinge',       # hinge | vanilla
+          num_layers=3,
+          ndf=64,
+          optim=dict(learning_rate=4.5e-6, warmup_steps=0, lr_schedule='constant',
+                     end_lr_factor=1.0, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip_norm=0.0),
+      ),
       compute_dtype='float32',  # float32 | bfloat16 activations; params stay float32.
       num_train_steps=350,
       ema_decay=0.0,          # 0 = use the raw parameters.

@@ -55,7 +55,7 @@ flags.DEFINE_list('only', [], 'Run only these variants (names); all when empty.'
 flags.DEFINE_string('results_dir', '', 'Where results.{csv,md} and plots go (default: WORKDIR).')
 
 # Metrics where smaller is better; every other metric is better when larger.
-_LOWER_IS_BETTER = re.compile(r'(^|_)(fd|fid|kid|loss)(_|$)|seconds')
+_LOWER_IS_BETTER = re.compile(r'(^|_)(fd|fid|rfid|kid|lpips|loss)(_|$)|seconds')
 
 
 @dataclasses.dataclass(frozen=True)

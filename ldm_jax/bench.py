@@ -3,6 +3,7 @@
     python -m ldm_jax.bench --config=configs/bench_unet32.py       # = the `train` benchmark
     python -m ldm_jax.bench sample --config=configs/default.py
     python -m ldm_jax.bench sample --config=configs/default.py --methods=ddim,heun --steps=10,50
+    python -m ldm_jax.bench first_stage --config=configs/celebahq256_ldm_vq4.py --batch_size=2
 
 `train` (the default) times, after compilation, the project's jitted diffusion train
 step on random latents and DDIM sampling (`sampling.sample`) of the U-Net alone,
@@ -11,6 +12,9 @@ against a large float32 matmul timed in the same run, and ends with one line
 matmul_gflops=...`. Model FLOPs come from XLA's cost analysis of the step lowered for
 the CPU, the same count on every device (train: per image of the batch), and of one
 U-Net forward pass (sampling: times the number of DDIM steps, one model evaluation each).
+
+`first_stage` times the stage-1 step with LPIPS + PatchGAN against the plain one on
+the same model (see `bench_first_stage`).
 
 `sample` times the whole jitted sample-and-decode function of `--mode=sample` for
 each method and step count: compile seconds, then images/s over `--repeats` calls.
@@ -26,8 +30,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, conditioning, generate, models, optim, sampling, sharding, stages
-from ldm_jax import train
+from ldm_jax import builders, conditioning, first_stage, generate, models, optim, perceptual
+from ldm_jax import sampling, sharding, stages, train
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -286,6 +290,8 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
 
 
 BENCHMARKS = {
+    'first_stage': lambda config: bench_first_stage(config, batch_size=FLAGS.batch_size,
+                                                    repeats=FLAGS.repeats),
     'train': lambda config: bench_train(
         config, num_classes=FLAGS.num_classes, sample_batch_size=FLAGS.sample_batch_size,
         ddim_steps=FLAGS.ddim_steps, repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size,
@@ -294,6 +300,50 @@ BENCHMARKS = {
         config, FLAGS.methods, [int(s) for s in FLAGS.steps],
         FLAGS.batch_size or config.sample.batch_size, FLAGS.repeats, FLAGS.num_classes),
 }
+
+
+def bench_first_stage(config, *, batch_size: int | None = None, repeats: int = 3) -> dict:
+  """Stage-1 step cost: the plain L1 (+ KL) step against LPIPS + PatchGAN on the same model.
+
+  Both steps are the project's own (`train.autoencoder_train_step`,
+  `first_stage.train_step`, the adversarial branch on), on random images; LPIPS uses
+  randomly initialized VGG16 weights (the cost does not depend on their values). For a
+  VQ model the baseline is the VQ objective without LPIPS and discriminator. Prints
+  seconds per step, XLA FLOPs per step (counted on the CPU lowering) and the ratios.
+  """
+  c = config.autoencoder
+  batch_size = batch_size or config.data.batch_size
+  size, channels = config.data.image_size, config.data.num_channels
+  model = builders.build_autoencoder(config)
+  tx, schedule = optim.make_optimizer(c.optim, c.num_train_steps)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (batch_size, size, size, channels),
+                              minval=-1.0, maxval=1.0)
+  batch = {'image': images}
+  lpips_params = perceptual.LPIPS().init(jax.random.PRNGKey(1), images[:1],
+                                         images[:1])['params']
+  rows = {}
+  for name, gan in (('plain', False), ('lpips_gan', True)):
+    with config.unlocked():
+      c.perceptual_weight = 1.0 if gan else 0.0
+      c.disc.update(weight=0.5 if gan else 0.0, start=0)
+      c.lpips_vgg_weights = c.lpips_lin_weights = 'unused' if gan else ''
+    state = jax.jit(lambda: stages.init_autoencoder_state(config, model, tx))()
+    if first_stage.uses_objective(config):
+      step = jax.jit(first_stage.make_train_step(config, model, schedule))
+      args = (state, batch, lpips_params if gan else None)
+    else:
+      step = jax.jit(functools.partial(train.autoencoder_train_step, model=model, config=config,
+                                       lr_schedule=schedule))
+      args = (state, batch)
+    compiled, compile_s = _compile(step, *args)
+    seconds = _seconds_per_call(lambda: compiled(*args), repeats)
+    rows[name] = dict(compile_s=compile_s, step_s=seconds, gflops=model_flops(step, *args) / 1e9)
+    print(f'first_stage {name:>9}: batch {batch_size}  compile {compile_s:6.1f} s  '
+          f'step {seconds * 1e3:9.1f} ms  {rows[name]["gflops"]:9.1f} GFLOP')
+  ratio = rows['lpips_gan']['step_s'] / rows['plain']['step_s']
+  flop_ratio = rows['lpips_gan']['gflops'] / max(rows['plain']['gflops'], 1e-9)
+  print(f'RESULT first_stage_time_ratio={ratio:.2f} first_stage_flop_ratio={flop_ratio:.2f}')
+  return dict(rows, time_ratio=ratio, flop_ratio=flop_ratio)
 
 
 def main(argv: list[str]) -> None:

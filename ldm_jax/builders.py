@@ -23,6 +23,9 @@ def build_autoencoder(config: ml_collections.ConfigDict) -> nn.Module:
       raise UserError(f'config.data.num_channels={config.data.num_channels} but the pretrained '
                       f'autoencoder takes {in_channels}; accepted: {in_channels}')
     return model
+  if config.autoencoder.model.name == 'identity':
+    # Pixel-space diffusion: no autoencoder, so the other model fields do not apply.
+    return models.IdentityFirstStage(out_channels=config.data.num_channels)
   return _build('autoencoder', config.autoencoder.model,
                 out_channels=config.data.num_channels,
                 dtype=jnp.dtype(config.autoencoder.compute_dtype))
@@ -42,7 +45,7 @@ def build_denoiser(config: ml_collections.ConfigDict, num_labels: int | None = N
   if config.diffusion.init_from:
     return _pretrained_unet(config, classes)
   denoiser = _build('diffusion', config.diffusion.model,
-                    out_channels=config.autoencoder.model.latent_channels,
+                    out_channels=latent_shape(config)[-1],
                     num_classes=classes, dtype=jnp.dtype(config.diffusion.compute_dtype))
   conditioner = conditioning.build_module(config, latent_shape(config)[:2])
   if conditioner is None:
@@ -77,16 +80,12 @@ def _build(stage: str, model_config: ml_collections.ConfigDict, **derived) -> nn
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """[h, w, c] of the latents for the configured image size and autoencoder."""
   size = config.data.image_size // downsample_factor(config)
-  if config.autoencoder.pretrained:
-    return size, size, pretrained.autoencoder_module(config.autoencoder.pretrained)[0].latent_channels
-  return size, size, config.autoencoder.model.latent_channels
+  return size, size, build_autoencoder(config).diffusion_channels
 
 
 def downsample_factor(config: ml_collections.ConfigDict) -> int:
   """Spatial factor between images and latents of the configured (or pretrained) autoencoder."""
-  if config.autoencoder.pretrained:
-    return pretrained.autoencoder_module(config.autoencoder.pretrained)[0].downsample_factor
-  return 2 ** (len(config.autoencoder.model.block_out_channels) - 1)
+  return build_autoencoder(config).downsample_factor
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:

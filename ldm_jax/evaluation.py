@@ -25,9 +25,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import checkpointing, conditioning, generate, input_pipeline, models, optim
-from ldm_jax import sharding, stages, superres
+from ldm_jax import perceptual, sharding, stages, superres
 from ldm_jax.losses import psnr
 from ldm_jax.models import inception
+from ldm_jax.models.autoencoder import codebook_statistics
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import TrainState, create_train_state
 
@@ -492,18 +493,69 @@ def _feature_metrics(metrics: dict[str, float], prefix: str, fake: np.ndarray,
 
 
 def _reconstruction_fn(autoencoder: nn.Module, ae_params, classifier: TrainedClassifier | None,
-                       mesh) -> Callable[[jax.Array], dict[str, jax.Array]]:
-  """images -> per-image PSNR and SSIM of their reconstructions (+ classifier features)."""
-  def fn(ae_params, classifier_params, x):
-    y = jnp.clip(autoencoder.apply({'params': ae_params}, x)[0], -1.0, 1.0)
+                       mesh, lpips_params=None, inception_model=None
+                       ) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  """images -> per-image PSNR and SSIM of their reconstructions (+ classifier features).
+
+  With `lpips_params` also their LPIPS; with `inception_model` = (network, params) their
+  pool3 features (`inception`, for rFID); for a VQ model the code indices (`codes`).
+  """
+  is_vq = isinstance(autoencoder, models.VQModel)
+  network, inception_params = inception_model or (None, None)
+
+  def fn(ae_params, classifier_params, lpips_params, inception_params, x):
+    outputs = autoencoder.apply({'params': ae_params}, x)
+    y = jnp.clip(outputs[0], -1.0, 1.0)
     out = {'psnr': psnr(y, x, 2.0), 'ssim': ssim(y, x, 2.0)}
     if classifier is not None:
       out['features'] = classifier.model.apply({'params': classifier_params}, y)[1]
+    if lpips_params is not None:
+      out['lpips'] = perceptual.lpips_fn(lpips_params, y, x)
+    if network is not None:
+      out['inception'] = network.apply({'params': inception_params}, y)
+    if is_vq:
+      out['codes'] = outputs[2].reshape(x.shape[0], -1)
     return out
 
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  fn = jax.jit(fn, in_shardings=(replicated, replicated, data), out_shardings=data)
-  return functools.partial(fn, ae_params, classifier.params if classifier else None)
+  fn = jax.jit(fn, in_shardings=(replicated, replicated, replicated, replicated, data),
+               out_shardings=data)
+  return functools.partial(fn, ae_params, classifier.params if classifier else None,
+                           lpips_params, inception_params)
+
+
+def load_lpips_metric(config: ml_collections.ConfigDict):
+  """LPIPS params from `config.autoencoder.lpips_*_weights`, or None (with a note) if unset."""
+  vgg, lin = config.autoencoder.lpips_vgg_weights, config.autoencoder.lpips_lin_weights
+  if not (vgg and lin):
+    _say('ae_lpips: skipped, no LPIPS weights (set config.autoencoder.lpips_vgg_weights and '
+         'config.autoencoder.lpips_lin_weights; see README, First stage)')
+    return None
+  return perceptual.load_lpips(vgg, lin)[1]
+
+
+def reconstruction_metrics(config: ml_collections.ConfigDict, mesh, autoencoder: nn.Module,
+                           ae_params, *, classifier: TrainedClassifier | None = None,
+                           lpips_params=None, inception_model=None,
+                           real_inception: np.ndarray | None = None) -> tuple[dict, dict]:
+  """Stage-1 metrics on the eval split: `ae_psnr`, `ae_ssim`, and when available
+  `ae_lpips`, `ae_rfid` (pool3 of reconstructions vs `real_inception`, the eval split's),
+  `ae_codebook_usage` and `ae_codebook_perplexity` (VQ models).
+
+  Returns:
+    (metrics, the per-image outputs of `_reconstruction_fn`).
+  """
+  recon = map_split(_reconstruction_fn(autoencoder, ae_params, classifier, mesh, lpips_params,
+                                       inception_model), config, config.data.eval_split, mesh)
+  metrics = {'ae_psnr': float(np.mean(recon['psnr'])), 'ae_ssim': float(np.mean(recon['ssim']))}
+  if 'lpips' in recon:
+    metrics['ae_lpips'] = float(np.mean(recon['lpips']))
+  if 'inception' in recon and real_inception is not None:
+    metrics['ae_rfid'] = frechet_distance_of(recon['inception'], real_inception)
+  if 'codes' in recon:
+    stats = codebook_statistics(jnp.asarray(recon['codes']), autoencoder.num_vq_embeddings)
+    metrics.update({f'ae_{k}': float(v) for k, v in stats.items()})
+  return metrics, recon
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn.Module, state,
@@ -516,8 +568,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
   `precision`, `recall`, `class_accuracy` (conditional models) in the space of the
   dataset's classifier; `fid`, `kid`, `kid_std` when `config.eval.inception_weights`
   is set. The autoencoder reconstructs the eval split: `ae_psnr`, `ae_ssim`,
-  `ae_fd_classifier`. Each metric with a real-data counterpart also has
-  `<name>_real`: the eval split in place of the samples.
+  `ae_fd_classifier`, and (see `reconstruction_metrics`) `ae_lpips`, `ae_rfid`,
+  `ae_codebook_usage`, `ae_codebook_perplexity` when they apply. Each metric with a
+  real-data counterpart also has `<name>_real`: the eval split in place of the samples.
 
   A model with a conditioner is conditioned on the first eval-split examples (their
   captions, contexts, low-resolution images), and `class_accuracy` checks the
@@ -588,10 +641,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
     _feature_metrics(metrics, 'inception', fake, real['test_features'], real['train_features'],
                      config, kid=True)
 
-  recon = map_split(_reconstruction_fn(autoencoder, ae_params, classifier, mesh), config,
-                    config.data.eval_split, mesh)
-  metrics['ae_psnr'] = float(np.mean(recon['psnr']))
-  metrics['ae_ssim'] = float(np.mean(recon['ssim']))
+  ae_metrics, recon = reconstruction_metrics(
+      config, mesh, autoencoder, ae_params, classifier=classifier,
+      lpips_params=load_lpips_metric(config),
+      inception_model=(network, inception_params) if config.eval.inception_weights else None,
+      real_inception=real['test_features'] if config.eval.inception_weights else None)
+  metrics.update(ae_metrics)
   if labelled:
     _with_real(metrics, 'ae_fd_classifier', frechet_distance_of, recon['features'],
                real_classifier['test_features'], real_classifier['train_features'])
@@ -602,7 +657,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
 
 # Metrics printed first, in this order; any others follow alphabetically.
 REPORT_ORDER = ('fd_classifier', 'precision', 'recall', 'class_accuracy', 'fid', 'kid',
-                 'kid_std', 'ae_psnr', 'ae_ssim', 'ae_fd_classifier')
+                'kid_std', 'ae_psnr', 'ae_ssim', 'ae_lpips', 'ae_rfid', 'ae_fd_classifier',
+                'ae_codebook_usage', 'ae_codebook_perplexity')
 
 
 def format_metrics(metrics: dict[str, float]) -> list[str]:

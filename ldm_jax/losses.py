@@ -157,3 +157,69 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float = 2.0) -> jax.Array:
   """
   mse = _mean_over_non_batch(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
   return 10.0 * jnp.log10(data_range**2 / mse)
+
+
+# ------------------------------------------- first stage: LPIPS + PatchGAN ----
+# As taming-transformers' / LDM's `LPIPSWithDiscriminator` and `VQLPIPSWithDiscriminator`.
+
+DISCRIMINATOR_LOSSES = ('hinge', 'vanilla')
+# Bounds of the adaptive weight and the epsilon of its denominator, as in taming.
+ADAPTIVE_WEIGHT_MAX = 1e4
+ADAPTIVE_WEIGHT_EPS = 1e-4
+
+
+def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array,
+                       name: str = 'hinge') -> jax.Array:
+  """The discriminator's loss on real and reconstructed images' logits.
+
+  'hinge': (mean(relu(1 - real)) + mean(relu(1 + fake))) / 2;
+  'vanilla': (mean(softplus(-real)) + mean(softplus(fake))) / 2, the non-saturating
+  binary cross-entropy of real = 1, fake = 0.
+
+  Raises:
+    ValueError: for an unknown loss name.
+  """
+  if name == 'hinge':
+    real, fake = jax.nn.relu(1.0 - logits_real), jax.nn.relu(1.0 + logits_fake)
+  elif name == 'vanilla':
+    real, fake = jax.nn.softplus(-logits_real), jax.nn.softplus(logits_fake)
+  else:
+    raise ValueError(f"unknown discriminator loss '{name}'; accepted: "
+                     f"{', '.join(DISCRIMINATOR_LOSSES)}")
+  return 0.5 * (jnp.mean(real) + jnp.mean(fake))
+
+
+def generator_loss(logits_fake: jax.Array) -> jax.Array:
+  """The autoencoder's adversarial term, -mean(D(reconstruction)) (taming, both losses)."""
+  return -jnp.mean(logits_fake)
+
+
+def adopt_weight(weight: float, step: jax.Array, threshold: int) -> jax.Array:
+  """`weight` from step `threshold` on, 0 before (taming's `disc_start`)."""
+  return jnp.where(step < threshold, 0.0, weight)
+
+
+def adaptive_weight(rec_grad: jax.Array, gan_grad: jax.Array) -> jax.Array:
+  """λ = ‖∇L_rec‖ / (‖∇L_GAN‖ + 1e-4), clipped to [0, 1e4], without gradient.
+
+  Args:
+    rec_grad: gradient of the reconstruction (NLL) loss w.r.t. the decoder's last layer.
+    gan_grad: gradient of the generator's adversarial loss w.r.t. the same weights.
+  """
+  weight = jnp.linalg.norm(rec_grad.ravel()) / (
+      jnp.linalg.norm(gan_grad.ravel()) + ADAPTIVE_WEIGHT_EPS)
+  return jax.lax.stop_gradient(jnp.clip(weight, 0.0, ADAPTIVE_WEIGHT_MAX))
+
+
+def gaussian_nll(reconstruction_error: jax.Array, logvar: jax.Array) -> jax.Array:
+  """LDM's NLL of a Laplace/Gaussian-like likelihood with one learned log-variance.
+
+  Args:
+    reconstruction_error: [B, ...] per-pixel error (|x - x̂| + perceptual term).
+    logvar: [] the log-variance.
+
+  Returns:
+    sum(error / exp(logvar) + logvar) / B: summed over pixels, averaged over the batch.
+  """
+  nll = reconstruction_error / jnp.exp(logvar) + logvar
+  return jnp.sum(nll) / reconstruction_error.shape[0]

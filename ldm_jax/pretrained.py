@@ -1,4 +1,4 @@
-"""Diffusers weights in and out: `AutoencoderKL` and `UNet2DModel` folders.
+"""Diffusers weights in and out: `AutoencoderKL`, `VQModel` and `UNet2DModel` folders.
 
 A diffusers model folder holds `config.json` and `diffusion_pytorch_model.safetensors`.
 Our autoencoder and U-Net use diffusers' layout and submodule names, so a folder
@@ -12,6 +12,10 @@ Conv kernels are HWIO here and OIHW there, dense kernels are transposed, GroupNo
 `scale` is `weight`. Attention tensors of older diffusers files (`query`, `key`,
 `value`, `proj_attn`) are read under their current names. Safetensors are read and
 written with numpy alone; PyTorch is not needed.
+
+A `VQModel` folder (the format of the CompVis LDM checkpoints' `vqvae`) loads
+wherever an `AutoencoderKL` one does (`config.autoencoder.pretrained`); its codebook
+is `quantize.embedding.weight`.
 
 Class labels: our U-Net embeds `num_classes + 1` rows, the last being the null
 class of classifier-free guidance. A diffusers U-Net with `num_class_embeds = N`
@@ -35,7 +39,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from ldm_jax.errors import UserError
-from ldm_jax.models import AutoencoderKL, UNet
+from ldm_jax.models import AutoencoderKL, UNet, VQModel
 
 Params = Any
 
@@ -61,6 +65,13 @@ _VAE_DEFAULTS = dict(
     act_fn='silu', latent_channels=4, norm_num_groups=32, scaling_factor=SD_SCALING_FACTOR,
     shift_factor=None, use_quant_conv=True, use_post_quant_conv=True,
     mid_block_add_attention=True)
+_VQ_DEFAULTS = dict(
+    in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',),
+    up_block_types=('UpDecoderBlock2D',), block_out_channels=(64,), layers_per_block=1,
+    act_fn='silu', latent_channels=3, num_vq_embeddings=256, norm_num_groups=32,
+    vq_embed_dim=None, scaling_factor=SD_SCALING_FACTOR, norm_type='group',
+    mid_block_add_attention=True)
+_VQ_FIXED = dict(act_fn=('silu', 'swish'), norm_type=('group',))
 _UNET_DEFAULTS = dict(
     in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type='positional',
     time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
@@ -240,9 +251,12 @@ def _one_type(source: str, key: str, types: list, accepted: str, count: int) -> 
     raise UserError(f'{source}: {key}={types!r} is not supported; accepted: {count} x {accepted!r}')
 
 
-def autoencoder_from_config(config: Mapping[str, Any],
-                            source: str = CONFIG_FILE) -> tuple[AutoencoderKL, int]:
-  """Our `AutoencoderKL` with the structure of a diffusers config, and its input channels."""
+def autoencoder_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE
+                            ) -> tuple[AutoencoderKL | VQModel, int]:
+  """Our `AutoencoderKL` (or `VQModel`) with the structure of a diffusers config, and
+  its input channels."""
+  if config.get('_class_name') == 'VQModel':
+    return vq_from_config(config, source)
   c = _with_defaults(config, _VAE_DEFAULTS, _VAE_FIXED, 'AutoencoderKL', source)
   levels = len(c['block_out_channels'])
   _one_type(source, 'down_block_types', list(c['down_block_types']), 'DownEncoderBlock2D', levels)
@@ -253,6 +267,44 @@ def autoencoder_from_config(config: Mapping[str, Any],
       norm_num_groups=c['norm_num_groups'], norm_eps=VAE_NORM_EPS,
       mid_block_attention=bool(c['mid_block_add_attention']))
   return module, c['in_channels']
+
+
+def vq_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[VQModel, int]:
+  """Our `VQModel` with the structure of a diffusers `VQModel` config, and its input channels."""
+  c = _with_defaults(config, _VQ_DEFAULTS, _VQ_FIXED, 'VQModel', source)
+  levels = len(c['block_out_channels'])
+  _one_type(source, 'down_block_types', list(c['down_block_types']), 'DownEncoderBlock2D', levels)
+  _one_type(source, 'up_block_types', list(c['up_block_types']), 'UpDecoderBlock2D', levels)
+  module = VQModel(
+      out_channels=c['out_channels'], block_out_channels=tuple(c['block_out_channels']),
+      layers_per_block=c['layers_per_block'], latent_channels=c['latent_channels'],
+      num_vq_embeddings=c['num_vq_embeddings'], vq_embed_dim=c['vq_embed_dim'] or 0,
+      norm_num_groups=c['norm_num_groups'], norm_eps=VAE_NORM_EPS,
+      mid_block_attention=bool(c['mid_block_add_attention']))
+  return module, c['in_channels']
+
+
+def vq_config(module: VQModel, params: Params, *, scaling_factor: float = SD_SCALING_FACTOR,
+              sample_size: int | None = None) -> dict[str, Any]:
+  """The diffusers `VQModel` config.json describing `module`."""
+  if module.norm_eps != VAE_NORM_EPS or not module.legacy_beta:
+    raise UserError(f'diffusers VQModel has GroupNorm eps {VAE_NORM_EPS} and the legacy '
+                    f'codebook loss; this model has norm_eps={module.norm_eps}, '
+                    f'legacy_beta={module.legacy_beta}')
+  levels = len(module.block_out_channels)
+  config = dict(
+      _class_name='VQModel', act_fn='silu',
+      in_channels=int(params['encoder']['conv_in']['kernel'].shape[2]),
+      out_channels=module.out_channels, block_out_channels=list(module.block_out_channels),
+      down_block_types=['DownEncoderBlock2D'] * levels,
+      up_block_types=['UpDecoderBlock2D'] * levels, layers_per_block=module.layers_per_block,
+      latent_channels=module.latent_channels, num_vq_embeddings=module.num_vq_embeddings,
+      vq_embed_dim=module.embed_dim, norm_num_groups=module.norm_num_groups,
+      norm_type='group', mid_block_add_attention=module.mid_block_attention,
+      scaling_factor=float(scaling_factor))
+  if sample_size:
+    config['sample_size'] = sample_size
+  return config
 
 
 def autoencoder_config(module: AutoencoderKL, params: Params, *,
@@ -374,7 +426,7 @@ def _abstract_params(module, *inputs) -> Params:
   return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)['params']
 
 
-def autoencoder_module(path: str) -> tuple[AutoencoderKL, int]:
+def autoencoder_module(path: str) -> tuple[AutoencoderKL | VQModel, int]:
   """The autoencoder described by the folder's config (no weights), and its input channels."""
   return autoencoder_from_config(read_config(path), os.path.join(path, CONFIG_FILE))
 
@@ -384,8 +436,9 @@ def unet_module(path: str) -> tuple[UNet, int]:
   return unet_from_config(read_config(path), os.path.join(path, CONFIG_FILE))
 
 
-def load_autoencoder(path: str) -> tuple[AutoencoderKL, Params]:
-  """Loads a diffusers `AutoencoderKL` folder (e.g. the SD VAE, `stabilityai/sd-vae-ft-mse`).
+def load_autoencoder(path: str) -> tuple[AutoencoderKL | VQModel, Params]:
+  """Loads a diffusers `AutoencoderKL` folder (e.g. the SD VAE, `stabilityai/sd-vae-ft-mse`)
+  or `VQModel` folder (e.g. the `vqvae` of `CompVis/ldm-celebahq-256`).
 
   Args:
     path: folder with config.json and diffusion_pytorch_model.safetensors.
@@ -427,11 +480,12 @@ def load_unet(path: str) -> tuple[UNet, Params]:
   return module, params_from_state_dict(tensors, abstract, _weights_source(path))
 
 
-def save_autoencoder(module: AutoencoderKL, params: Params, path: str, *,
+def save_autoencoder(module: AutoencoderKL | VQModel, params: Params, path: str, *,
                      scaling_factor: float = SD_SCALING_FACTOR,
                      sample_size: int | None = None) -> None:
-  """Writes a diffusers `AutoencoderKL` folder (`AutoencoderKL.from_pretrained(path)`)."""
-  config = autoencoder_config(module, params, scaling_factor=scaling_factor,
+  """Writes a diffusers `AutoencoderKL` (or `VQModel`) folder (`.from_pretrained(path)`)."""
+  to_config = vq_config if isinstance(module, VQModel) else autoencoder_config
+  config = to_config(module, params, scaling_factor=scaling_factor,
                               sample_size=sample_size)
   write_folder(path, config, state_dict(params))
 

@@ -25,7 +25,8 @@ from absl import logging
 from flax import linen as nn
 from flax.metrics import tensorboard
 
-from ldm_jax import builders, checkpointing, conditioning, config_check, finetune, models, optim
+from ldm_jax import builders, checkpointing, conditioning, config_check, finetune, first_stage
+from ldm_jax import models, optim
 from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
@@ -142,9 +143,16 @@ def summary_writer(workdir: str, stage: str):
 
 def init_autoencoder_state(config: ml_collections.ConfigDict, model: nn.Module,
                            tx: optax.GradientTransformation) -> TrainState:
+  """A fresh stage-1 state; with the LPIPS / PatchGAN / VQ objective it also holds the
+  discriminator and the NLL log-variance (`first_stage.FirstStageTrainState`)."""
   rng_params, rng_state = jax.random.split(jax.random.PRNGKey(config.seed))
   size, channels = config.data.image_size, config.data.num_channels
-  params = model.init(rng_params, jnp.zeros((1, size, size, channels)))['params']
+  # The identity first stage has no parameters.
+  params = model.init(rng_params, jnp.zeros((1, size, size, channels))).get('params', {})
+  if first_stage.uses_objective(config):
+    disc_tx, _ = first_stage.make_disc_optimizer(config)
+    return first_stage.create_state(config, params, tx, rng_state,
+                                    first_stage.build_discriminator(config), disc_tx)
   return create_train_state(params, tx, rng_state)
 
 
@@ -246,8 +254,15 @@ def autoencoder_checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) 
   return checkpoint_dir(workdir, 'autoencoder')
 
 
+def is_identity_first_stage(config: ml_collections.ConfigDict) -> bool:
+  """Pixel-space diffusion: stage 1 is the identity, with no parameters and nothing to train."""
+  return config.autoencoder.model.name == 'identity' and not config.autoencoder.pretrained
+
+
 def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(model, params) of the trained stage 1, EMA params (== raw params when decay is 0)."""
+  if is_identity_first_stage(config):
+    return builders.build_autoencoder(config), {}
   if config.autoencoder.pretrained:
     logging.info('autoencoder: pretrained %s', config.autoencoder.pretrained)
     _, params = pretrained.load_autoencoder(config.autoencoder.pretrained)

@@ -1,7 +1,9 @@
 """The two training stages: jitted train steps and the loop with periodic actions.
 
-Stage 1 (`autoencoder`) learns the KL autoencoder on images; stage 2 (`diffusion`)
-learns a denoiser of latents of the frozen stage-1 encoder. Both stages share one
+Stage 1 (`autoencoder`) learns the KL or VQ autoencoder on images, with the plain
+loss (`autoencoder_train_step`) or LDM's LPIPS / PatchGAN objective
+(`first_stage.train_step`), and is skipped for the identity first stage; stage 2
+(`diffusion`) learns a denoiser of latents of the frozen stage-1 encoder. Both stages share one
 loop (`_run_stage`): progress bar, TensorBoard, NaN check, checkpoints. Rerunning
 the same command resumes each stage from its latest checkpoint and skips a finished
 one. Setup, state init, restore and the workdir layout are `ldm_jax.stages`'; what
@@ -24,7 +26,7 @@ from jax.experimental import multihost_utils
 from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, grad_accum
 from ldm_jax import images as image_io
 from ldm_jax import input_pipeline, latent_cache, losses, pretrained, preemption, sharding
-from ldm_jax import stages
+from ldm_jax import first_stage, stages
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState
 
@@ -215,6 +217,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   if config.autoencoder.workdir or config.autoencoder.pretrained:
     logging.info('autoencoder: using %s', config.autoencoder.workdir or config.autoencoder.pretrained)
     return stages.restore_autoencoder(config, workdir, mesh)
+  if stages.is_identity_first_stage(config):
+    logging.info('autoencoder: identity (pixel-space diffusion); nothing to train')
+    return stages.restore_autoencoder(config, workdir, mesh)
   model, tx, lr_schedule, abstract = stages.autoencoder_setup(config, mesh)
   manager = checkpointing.make_manager(stages.checkpoint_dir(workdir, 'autoencoder'),
                                        keep=config.train.keep_checkpoints)
@@ -228,11 +233,14 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
 
   sharding.check_batch_size(config.data.batch_size, mesh)
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step_fn = jax.jit(
-      functools.partial(autoencoder_train_step, model=model, config=config,
-                        lr_schedule=lr_schedule),
-      in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
+  if first_stage.uses_objective(config):
+    step_fn = _first_stage_step_fn(config, model, lr_schedule, state_sharding, mesh)
+  else:
+    step_fn = jax.jit(
+        functools.partial(autoencoder_train_step, model=model, config=config,
+                          lr_schedule=lr_schedule),
+        in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
   writer = stages.summary_writer(workdir, 'autoencoder')
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
@@ -259,6 +267,20 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
     writer.scalar(f'eval/psnr_{config.data.eval_split}', psnr, int(state.step))
     writer.flush()
   return model, state.ema_params
+
+
+def _first_stage_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
+                         lr_schedule: optax.Schedule, state_sharding, mesh) -> Callable:
+  """`step_fn(state, batch)` of the LPIPS / PatchGAN / VQ objective (`first_stage.py`)."""
+  replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  lpips_params = first_stage.load_lpips_params(config)
+  if lpips_params is not None:
+    lpips_params = jax.device_put(lpips_params, replicated)
+  step = jax.jit(
+      first_stage.make_train_step(config, model, lr_schedule),
+      in_shardings=(state_sharding, data, replicated),
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return lambda state, batch: step(state, batch, lpips_params)
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[Batch]:

@@ -41,9 +41,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(config, 'autoencoder.model.name', tuple(models.AUTOENCODERS))
   _one_of(config, 'autoencoder.reconstruction_loss', losses.RECONSTRUCTION_LOSSES)
   _check(config, 'autoencoder.kl_weight', lambda v: v >= 0, 'a number >= 0')
+  _validate_first_stage_objective(config)
   if config.autoencoder.pretrained and config.autoencoder.workdir:
     raise UserError('config.autoencoder.pretrained and config.autoencoder.workdir are both set; '
                     'accepted: at most one source of stage-1 weights')
+  # Building the autoencoder (for its downsampling factor) needs a valid dtype.
+  _one_of(config, 'autoencoder.compute_dtype', builders.COMPUTE_DTYPES)
   factor = builders.downsample_factor(config)
   _check(config, 'data.image_size', lambda v: v % factor == 0,
          f'a multiple of the autoencoder downsampling factor {factor}')
@@ -147,3 +150,24 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.lora.rank and not config.diffusion.init_from:
     raise UserError('config.diffusion.lora.rank > 0 needs a base U-Net; accepted: '
                     'config.diffusion.init_from=PATH of a diffusers UNet2DModel folder')
+
+
+def _validate_first_stage_objective(config: ml_collections.ConfigDict) -> None:
+  c = config.autoencoder
+  for path in ('autoencoder.perceptual_weight', 'autoencoder.codebook_weight',
+               'autoencoder.disc.weight', 'autoencoder.disc.factor'):
+    _check(config, path, lambda v: v >= 0, 'a number >= 0')
+  _check(config, 'autoencoder.disc.start', lambda v: isinstance(v, int) and v >= 0,
+         'an integer >= 0')
+  _one_of(config, 'autoencoder.disc.loss', losses.DISCRIMINATOR_LOSSES)
+  _check(config, 'autoencoder.disc.num_layers', lambda v: isinstance(v, int) and v >= 1,
+         'an integer >= 1')
+  _check(config, 'autoencoder.disc.ndf', lambda v: isinstance(v, int) and v >= 1,
+         'an integer >= 1')
+  _one_of(config, 'autoencoder.disc.optim.lr_schedule', optim.LR_SCHEDULES)
+  _check(config, 'autoencoder.disc.optim.learning_rate', lambda v: v > 0, 'a positive number')
+  if c.perceptual_weight > 0 and not (c.lpips_vgg_weights and c.lpips_lin_weights):
+    raise UserError('config.autoencoder.perceptual_weight > 0 needs the LPIPS weights: set '
+                    'config.autoencoder.lpips_vgg_weights (torchvision vgg16 .pth) and '
+                    'config.autoencoder.lpips_lin_weights (lpips weights/v0.1/vgg.pth); '
+                    'accepted without them: perceptual_weight=0')

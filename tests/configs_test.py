@@ -15,7 +15,7 @@ CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / 'configs').glob
 
 def test_the_expected_configs_exist():
   names = {p.stem for p in CONFIGS}
-  assert {'default', 'tiny', 'mnist', 'cifar10', 'celebahq256_ldm_kl4'} <= names
+  assert {'default', 'tiny', 'mnist', 'cifar10', 'celebahq256_ldm_kl4', 'celebahq256_ldm_vq4'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)

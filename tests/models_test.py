@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models import MODELS, AutoencoderKL, UNet, count_params, get_model
+from ldm_jax.models import AUTOENCODERS, MODELS, AutoencoderKL, UNet, count_params, get_model
 from ldm_jax.models.autoencoder import LOGVAR_MAX, LOGVAR_MIN, sample_latents
 from ldm_jax.models.layers import (
     AttentionBlock,
@@ -481,13 +481,14 @@ def test_unet_rejects_indivisible_input():
 
 
 def test_registry_builds_models():
-  assert set(MODELS) == {'autoencoder_kl', 'unet'}
+  assert set(MODELS) == {'autoencoder_kl', 'identity', 'unet', 'vq'}
+  assert set(AUTOENCODERS) == {'autoencoder_kl', 'identity', 'vq'}  # Stage-1 models only.
   assert isinstance(get_model('unet', **UNET_KWARGS), UNet)
   assert get_model('autoencoder_kl', **AE_KWARGS) == AutoencoderKL(**AE_KWARGS)
 
 
 def test_registry_unknown_name():
-  with pytest.raises(ValueError, match=r"unknown model 'vqgan'; accepted: \['autoencoder_kl', 'unet'\]"):
+  with pytest.raises(ValueError, match=r"unknown model 'vqgan'; accepted: \['autoencoder_kl', 'identity', 'unet', 'vq'\]"):
     get_model('vqgan')
 
 

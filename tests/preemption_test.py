@@ -50,7 +50,10 @@ def _final_state(workdir, config, mesh, stage='autoencoder'):
 
 
 def _assert_states_equal(a, b):
-  for field in ('step', 'params', 'ema_params', 'opt_state', 'rng'):
+  fields = ['step', 'params', 'ema_params', 'opt_state', 'rng']
+  if hasattr(a, 'disc_params'):  # Stage 1 with the PatchGAN objective.
+    fields += ['disc_params', 'disc_opt_state', 'logvar', 'logvar_opt_state']
+  for field in fields:
     jax.tree.map(np.testing.assert_array_equal, getattr(a, field), getattr(b, field))
 
 
@@ -101,6 +104,36 @@ def test_sigterm_saves_exits_0_and_resume_is_bit_identical(tiny_config, tmp_path
   steps, uninterrupted = _final_state(tmp_path / 'uninterrupted', config, all_devices)
   assert steps == [stopped_at + 2]
   _assert_states_equal(resumed, uninterrupted)
+
+
+def test_sigterm_with_discriminator_saves_and_resume_is_bit_identical(tiny_config, tmp_path,
+                                                                      all_devices):
+  """Stage 1 with the PatchGAN objective, FSDP over 2 devices: SIGTERM after step 1."""
+  overrides = {'autoencoder.disc.weight': 0.5, 'autoencoder.disc.start': 0,
+               'autoencoder.disc.ndf': 8, 'autoencoder.disc.num_layers': 2,
+               'autoencoder.disc.optim.learning_rate': 1e-3, 'autoencoder.learn_logvar': True,
+               'train.image_every': 1_000_000}
+  config = _apply(tiny_config, {**_overrides(LONG), **overrides})
+  mesh = sharding.make_mesh(mesh_shape=dict(data=4, fsdp=2))
+  with preemption.handle_sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # Seen by the loop after its first step.
+    deadline = time.monotonic() + 5
+    while not preemption.reached() and time.monotonic() < deadline:
+      time.sleep(0.01)
+    with pytest.raises(preemption.Preempted):
+      train.train_autoencoder(config, str(tmp_path / 'preempted'), mesh)
+  config = _apply(config, _overrides(3))
+  steps, state = _final_state(tmp_path / 'preempted', config, mesh)
+  assert steps == [1] and int(state.step) == 1
+  assert np.any(np.asarray(state.disc_params['main_0']['kernel']) != 0)
+  train.train_autoencoder(config, str(tmp_path / 'preempted'), mesh)
+  train.train_autoencoder(config, str(tmp_path / 'uninterrupted'), mesh)
+  steps, resumed = _final_state(tmp_path / 'preempted', config, mesh)
+  assert steps == [1, 3]
+  _, uninterrupted = _final_state(tmp_path / 'uninterrupted', config, mesh)
+  _assert_states_equal(resumed, uninterrupted)
+  # The discriminator trained: its Adam moments are not zero.
+  assert any(np.any(np.asarray(m) != 0) for m in jax.tree.leaves(resumed.disc_opt_state))
 
 
 def test_diffusion_resume_is_bit_identical(tiny_config, tmp_path):

@@ -20,7 +20,7 @@ def test_default_config_is_valid():
     ('data.num_channels', 2, '1, 3'),
     ('data.batch_size', 0, 'a positive integer'),
     ('data.image_size', 30, 'multiple of the autoencoder downsampling factor 4'),
-    ('autoencoder.model.name', 'vq', 'autoencoder_kl'),
+    ('autoencoder.model.name', 'vqgan', 'autoencoder_kl'),
     ('autoencoder.reconstruction_loss', 'lpips', 'l1, l2'),
     ('diffusion.ema_decay', 1.0, '[0, 1)'),
     ('diffusion.optim.lr_schedule', 'step', 'cosine, constant'),

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 
 from ldm_jax.models import dit, unet
-from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel
 from ldm_jax.models.classifier import Classifier
 from ldm_jax.models.denoiser import Denoiser, DenoiserSpec, FieldError
 from ldm_jax.models.dit import DiT
@@ -22,6 +22,8 @@ from ldm_jax.models.unet import UNet
 
 AUTOENCODERS: dict[str, type[nn.Module]] = {
     'autoencoder_kl': AutoencoderKL,
+    'vq': VQModel,
+    'identity': IdentityFirstStage,
 }
 DENOISERS: dict[str, DenoiserSpec] = {
     'unet': DenoiserSpec(UNet, unet.check_fields),
@@ -101,5 +103,5 @@ def count_params(params: Any) -> int:
 
 
 __all__ = ['AUTOENCODERS', 'DENOISERS', 'MODELS', 'AutoencoderKL', 'Classifier', 'Denoiser',
-           'DenoiserSpec', 'DiT', 'FieldError', 'UNet', 'check_denoiser_fields', 'count_params',
-           'get_model', 'model_fields']
+           'DenoiserSpec', 'DiT', 'FieldError', 'IdentityFirstStage', 'UNet', 'VQModel',
+           'check_denoiser_fields', 'count_params', 'get_model', 'model_fields']

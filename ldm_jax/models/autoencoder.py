@@ -45,6 +45,7 @@ class Encoder(nn.Module):
     norm_eps: GroupNorm epsilon.
     mid_block_attention: self-attention in the middle block.
     dtype: compute dtype.
+    double_z: output 2 * latent_channels (mean and logvar); False for VQ models.
   """
 
   block_out_channels: Sequence[int]
@@ -54,6 +55,7 @@ class Encoder(nn.Module):
   norm_eps: float
   mid_block_attention: bool
   dtype: Dtype = jnp.float32
+  double_z: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -74,7 +76,8 @@ class Encoder(nn.Module):
     h = _mid_block(self)(h)
     h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
     h = nn.silu(h)
-    return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
+    channels = 2 * self.latent_channels if self.double_z else self.latent_channels
+    return nn.Conv(channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
 
 
 def _mid_block(coder: 'Encoder | Decoder') -> MidBlock:
@@ -156,6 +159,11 @@ class AutoencoderKL(nn.Module):
     """Spatial factor f between images and latents."""
     return 2 ** (len(self.block_out_channels) - 1)
 
+  @property
+  def diffusion_channels(self) -> int:
+    """Channels of the latents that stage 2 diffuses."""
+    return self.latent_channels
+
   def setup(self):
     if not self.block_out_channels:
       raise ValueError('block_out_channels must name at least one level')
@@ -220,3 +228,215 @@ class AutoencoderKL(nn.Module):
     mean, logvar = self.encode(x)
     z = mean if rng is None else sample_latents(mean, logvar, rng)
     return self.decode(z), mean, logvar
+
+
+# ------------------------------------------------------------------- VQ ----
+
+
+def codebook_statistics(indices: jax.Array, num_codes: int) -> dict[str, jax.Array]:
+  """Usage and perplexity of the codes chosen in a batch.
+
+  Args:
+    indices: integer code indices of any shape.
+    num_codes: codebook size.
+
+  Returns:
+    'codebook_usage': fraction of the codebook chosen at least once;
+    'codebook_perplexity': exp(entropy) of the codes' empirical distribution
+    (1 when one code is used, num_codes when all are used equally).
+  """
+  counts = jnp.bincount(indices.ravel(), length=num_codes).astype(jnp.float32)
+  probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
+  return {'codebook_usage': jnp.mean(counts > 0), 'codebook_perplexity': jnp.exp(entropy)}
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-neighbour codebook lookup with a straight-through gradient (VQ-VAE).
+
+  The losses are those of taming-transformers' `VectorQuantizer2` and diffusers'
+  `VectorQuantizer` (legacy=True, the one LDM's VQ models were trained with):
+  mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2). With `legacy=False` beta
+  weights the commitment term instead, as in the VQ-VAE paper.
+
+  Attributes:
+    num_embeddings: codebook size.
+    embedding_dim: code width.
+    beta: weight of the second term (see above).
+    legacy: taming's (and diffusers') term weighting.
+  """
+
+  num_embeddings: int
+  embedding_dim: int
+  beta: float = 0.25
+  legacy: bool = True
+
+  def setup(self):
+    scale = 1.0 / self.num_embeddings
+    self.embedding = nn.Embed(
+        self.num_embeddings, self.embedding_dim, name='embedding',
+        embedding_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, -scale, scale))
+
+  def codebook(self) -> jax.Array:
+    """[num_embeddings, embedding_dim] float32 code vectors."""
+    return self.embedding.embedding.astype(jnp.float32)
+
+  def nearest(self, z: jax.Array) -> jax.Array:
+    """Index of the nearest code of each vector: [..., D] -> [...] int32."""
+    codes = self.codebook()
+    flat = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
+    distances = (jnp.sum(jnp.square(flat), -1, keepdims=True) - 2.0 * flat @ codes.T
+                 + jnp.sum(jnp.square(codes), -1))
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
+
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Quantizes z [B, h, w, D].
+
+    Returns:
+      (z_q [B, h, w, D] with straight-through gradient to z, the codebook loss [],
+      the code indices [B, h, w]).
+    """
+    z = z.astype(jnp.float32)
+    indices = self.nearest(z)
+    z_q = jnp.take(self.codebook(), indices, axis=0)
+    to_codes = jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))   # moves the encoder
+    to_inputs = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))  # moves the codes
+    loss = to_codes + self.beta * to_inputs if self.legacy else self.beta * to_codes + to_inputs
+    return z + jax.lax.stop_gradient(z_q - z), loss, indices
+
+
+class VQModel(nn.Module):
+  """Vector-quantized autoencoder (LDM's VQ-f4/f8 first stages), diffusers `VQModel` layout.
+
+  encode: image -> encoder -> `quant_conv` -> pre-quantization latents h (what stage
+  2 diffuses, as in LDM); decode: h -> `quantize` -> `post_quant_conv` -> decoder.
+
+  Attributes:
+    out_channels: image channels of the reconstruction.
+    block_out_channels: channels per level, highest resolution first.
+    layers_per_block: ResnetBlocks per encoder level (decoder: one more).
+    latent_channels: channels of the encoder output / decoder input.
+    num_vq_embeddings: codebook size.
+    vq_embed_dim: code width (channels of h); 0 = latent_channels.
+    beta: codebook loss weight (see `VectorQuantizer`).
+    legacy_beta: taming's weighting of the two codebook terms.
+    norm_num_groups: GroupNorm groups.
+    norm_eps: GroupNorm epsilon.
+    mid_block_attention: self-attention in the middle blocks.
+    dtype: compute dtype; latents and images are returned as float32.
+  """
+
+  out_channels: int
+  block_out_channels: Sequence[int]
+  layers_per_block: int
+  latent_channels: int
+  num_vq_embeddings: int
+  vq_embed_dim: int = 0
+  beta: float = 0.25
+  legacy_beta: bool = True
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-6
+  mid_block_attention: bool = True
+  dtype: Dtype = jnp.float32
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  @property
+  def embed_dim(self) -> int:
+    return self.vq_embed_dim or self.latent_channels
+
+  @property
+  def diffusion_channels(self) -> int:
+    """Channels of the latents that stage 2 diffuses: the pre-quantization h."""
+    return self.embed_dim
+
+  def setup(self):
+    if not self.block_out_channels:
+      raise ValueError('block_out_channels must name at least one level')
+    self.encoder = Encoder(
+        block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
+        latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
+        norm_eps=self.norm_eps, mid_block_attention=self.mid_block_attention, dtype=self.dtype,
+        double_z=False)
+    self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+    self.quantize = VectorQuantizer(self.num_vq_embeddings, self.embed_dim, self.beta,
+                                    self.legacy_beta)
+    self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
+    self.decoder = Decoder(
+        out_channels=self.out_channels, block_out_channels=tuple(self.block_out_channels),
+        layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups,
+        norm_eps=self.norm_eps, mid_block_attention=self.mid_block_attention, dtype=self.dtype)
+
+  def encode_latents(self, x: jax.Array) -> jax.Array:
+    """x [B, H, W, C] -> pre-quantization latents h [B, H/f, W/f, embed_dim]."""
+    f = self.downsample_factor
+    if x.ndim != 4 or x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(f'VQModel.encode expects [B, H, W, C] with H and W divisible by the '
+                       f'downsampling factor {f}, got shape {x.shape}')
+    return self.quant_conv(self.encoder(x)).astype(jnp.float32)
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(h, logvar) like `AutoencoderKL.encode`: h is deterministic, logvar = LOGVAR_MIN.
+
+    Stage 2 draws h + exp(logvar / 2) * noise, a perturbation of ~3e-7 here, so the
+    VQ and KL first stages share one code path.
+    """
+    h = self.encode_latents(x)
+    return h, jnp.full_like(h, LOGVAR_MIN)
+
+  def quantize_latents(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(z_q, codebook loss, indices) of h; see `VectorQuantizer`."""
+    return self.quantize(h)
+
+  def decode_quantized(self, z_q: jax.Array) -> jax.Array:
+    return self.decoder(self.post_quant_conv(z_q)).astype(jnp.float32)
+
+  def decode(self, h: jax.Array) -> jax.Array:
+    """Pre-quantization latents h -> images: the decoder quantizes first (as in LDM)."""
+    z_q, _, _ = self.quantize(h)
+    return self.decode_quantized(z_q)
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(reconstruction [B, H, W, C], codebook loss [], code indices [B, h, w]).
+
+    `rng` is unused (the model is deterministic); it keeps the KL model's signature.
+    """
+    del rng
+    z_q, loss, indices = self.quantize(self.encode_latents(x))
+    return self.decode_quantized(z_q), loss, indices
+
+
+class IdentityFirstStage(nn.Module):
+  """No autoencoder: stage 2 diffuses pixels (LDM-1, the paper's pixel-space baseline).
+
+  Attributes:
+    out_channels: image channels (= latent channels).
+    dtype: unused; accepted like every first stage's.
+  """
+
+  out_channels: int
+  dtype: Dtype = jnp.float32
+
+  downsample_factor = 1
+
+  @property
+  def diffusion_channels(self) -> int:
+    return self.out_channels
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x, logvar = LOGVAR_MIN): the image is its own latent."""
+    x = x.astype(jnp.float32)
+    return x, jnp.full_like(x, LOGVAR_MIN)
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    return z.astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    del rng
+    mean, logvar = self.encode(x)
+    return self.decode(mean), mean, logvar

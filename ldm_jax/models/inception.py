@@ -301,23 +301,87 @@ class _TorchUnpickler(pickle.Unpickler):
     return np.frombuffer(data, storage_type.dtype, count=numel)
 
 
-def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a tensor state dict saved by `torch.save` (zip format) without torch."""
-  if not zipfile.is_zipfile(path):
-    raise UserError(f'Inception weights {path}: not a torch zip checkpoint; accepted: .pth '
-                    f'from torch.save (zip format), .npz or .safetensors')
-  with zipfile.ZipFile(path) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
-    if not pickles:
-      raise UserError(f'Inception weights {path}: no data.pkl in the archive')
-    prefix = pickles[0][:-len('data.pkl')]
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _PendingTensor:
+  def __init__(self, args: tuple):
+    self.args = args
+
+
+def _read_legacy_torch(path: str, label: str) -> dict:
+  """Reads the pre-1.6 `torch.save` format: pickles followed by the raw storages.
+
+  The file holds the magic number, protocol version and system info pickles, the
+  object pickle (storages as persistent ids), the sorted storage keys, then for each
+  key an int64 element count and the little-endian bytes.
+  """
+  with open(path, 'rb') as f:
     try:
-      state_dict = _TorchUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
-    except (pickle.UnpicklingError, KeyError, ValueError) as e:
-      raise UserError(f'Inception weights {path}: cannot read: {e}') from e
+      if pickle.load(f) != _LEGACY_MAGIC:
+        raise UserError(f'{label} {path}: not a torch checkpoint')
+      pickle.load(f)  # Protocol version.
+      pickle.load(f)  # System info.
+      storages: dict[str, tuple[type, list]] = {}
+
+      class Unpickler(_TorchUnpickler):
+        # Storages are read after the object pickle: tensors are built once they are.
+        def find_class(self, module: str, name: str):
+          if module == 'torch._utils' and name == '_rebuild_tensor_v2':
+            return lambda *args: _PendingTensor(args)
+          return super().find_class(module, name)
+
+        def persistent_load(self, pid):
+          # ('storage', storage type, key, location, number of elements, view metadata)
+          _, storage_type, key, _, numel, view = pid
+          if view is not None:
+            raise pickle.UnpicklingError('storage views are not supported')
+          array = np.empty(numel, storage_type.dtype)
+          storages[key] = array
+          return array
+
+      obj = Unpickler(f, None, '').load()
+      for key in pickle.load(f):
+        count = int.from_bytes(f.read(8), 'little')
+        array = storages[key]
+        data = f.read(count * array.dtype.itemsize)
+        if count != array.size or len(data) != array.nbytes:
+          raise UserError(f'{label} {path}: truncated storage {key}')
+        array[:] = np.frombuffer(data, array.dtype)
+      if isinstance(obj, dict):
+        obj = {k: _rebuild_tensor(*v.args) if isinstance(v, _PendingTensor) else v
+               for k, v in obj.items()}
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+      raise UserError(f'{label} {path}: cannot read: {e}') from e
+  return obj
+
+
+def read_torch_state_dict(path: str, label: str = 'Inception weights') -> dict[str, np.ndarray]:
+  """Reads a tensor state dict saved by `torch.save` (zip or legacy format) without torch.
+
+  Args:
+    path: the file.
+    label: names the file's role in error messages.
+  """
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
+      if not pickles:
+        raise UserError(f'{label} {path}: no data.pkl in the archive')
+      prefix = pickles[0][:-len('data.pkl')]
+      try:
+        state_dict = _TorchUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
+      except (pickle.UnpicklingError, KeyError, ValueError) as e:
+        raise UserError(f'{label} {path}: cannot read: {e}') from e
+  else:
+    with open(path, 'rb') as f:
+      legacy = f.read(2) == b'\x80\x02'  # Pickle protocol 2: the legacy format's header.
+    if not legacy:
+      raise UserError(f'{label} {path}: not a torch zip checkpoint (nor the legacy format); '
+                      f'accepted: .pth from torch.save, .npz or .safetensors')
+    state_dict = _read_legacy_torch(path, label)
   if not isinstance(state_dict, dict):
-    raise UserError(f'Inception weights {path}: holds a {type(state_dict).__name__}, '
-                    f'not a state dict')
+    raise UserError(f'{label} {path}: holds a {type(state_dict).__name__}, not a state dict')
   return dict(state_dict)
 
 
