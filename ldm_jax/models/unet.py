@@ -38,6 +38,10 @@ class UNet(nn.Module):
     num_heads: attention heads (must divide the channels where attention is used).
     head_dim: > 0 uses heads of this width instead (`channels // head_dim` heads,
       so wider levels get more heads); 0 uses `num_heads` everywhere.
+    level_heads: if set, the number of heads at each level (down level i and the
+      up level mirroring it), the middle block using the last entry; overrides
+      `num_heads` and `head_dim`. This is diffusers' `UNet2DConditionModel`
+      `attention_head_dim` (a head count there, per block in Stable Diffusion 2).
     dropout: ResnetBlock dropout rate, active only with `train=True`.
     num_classes: 0 for an unconditional model (labels are then ignored); otherwise
       the label embedding has `num_classes + 1` rows, the last (index
@@ -79,6 +83,7 @@ class UNet(nn.Module):
   transformer_depth: int = 1
   use_linear_projection: bool = False
   attention_levels: Sequence[int] | None = None
+  level_heads: Sequence[int] | None = None
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   remat: str = ''
@@ -138,7 +143,13 @@ class UNet(nn.Module):
       temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, dtype=self.dtype,
                              name='class_embedding')(y)
 
-    def heads(channels: int) -> int:
+    if self.level_heads is not None and len(self.level_heads) != len(self.channel_mult):
+      raise ValueError(f'UNet: level_heads={tuple(self.level_heads)} needs one entry per level '
+                       f'of channel_mult={tuple(self.channel_mult)}')
+
+    def heads(channels: int, level: int = -1) -> int:
+      if self.level_heads is not None:
+        return self.level_heads[level]
       if self.head_dim <= 0:
         return self.num_heads
       if channels % self.head_dim:
@@ -147,8 +158,8 @@ class UNet(nn.Module):
 
     def heads_at(level: int, resolution: int, channels: int) -> int | None:
       if self.attention_levels is not None:
-        return heads(channels) if level in self.attention_levels else None
-      return heads(channels) if resolution in self.attention_resolutions else None
+        return heads(channels, level) if level in self.attention_levels else None
+      return heads(channels, level) if resolution in self.attention_resolutions else None
 
     common = dict(
         norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
