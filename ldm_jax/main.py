@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import editing, eval_mode, modes, preemption, sharding
+from ldm_jax import editing, eval_mode, modes, preemption, sd_modes, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -29,6 +29,8 @@ flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
                           'text-conditioned config, one grid row each; may be repeated.')
+flags.DEFINE_multi_string('negative_prompt', None, 'With a Stable Diffusion config: what '
+                          'guidance steers away from, one for all prompts or one per --prompt.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 of a multi-process '
                     'run started by hand (TPU pods and SLURM are detected without flags).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
@@ -46,6 +48,28 @@ MODES = {
     'merge_lora': modes.merge_lora_mode,
     'encode': modes.encode_mode,
 }
+# The modes of a Stable Diffusion pipeline config (configs/stable_diffusion.py).
+SD_MODES = {
+    'train': sd_modes.train_mode,
+    'sample': lambda config, workdir: sd_modes.sample_mode(
+        config, workdir, FLAGS.prompt, FLAGS.negative_prompt, FLAGS.num_samples),
+    'edit': lambda config, workdir: sd_modes.edit_mode(config, workdir, FLAGS.prompt,
+                                                       FLAGS.negative_prompt),
+    'merge_lora': sd_modes.merge_lora_mode,
+}
+
+
+def _mode(config):
+  """The function of --mode for this config."""
+  if sd_modes.is_stable_diffusion(config):
+    if FLAGS.mode not in SD_MODES:
+      raise UserError(f'--mode={FLAGS.mode} is not available for a Stable Diffusion config; '
+                      f'accepted: {", ".join(SD_MODES)}')
+    return SD_MODES[FLAGS.mode]
+  if FLAGS.negative_prompt:
+    raise UserError('--negative_prompt needs a Stable Diffusion config '
+                    '(configs/stable_diffusion.py)')
+  return MODES[FLAGS.mode]
 
 
 def _one_line(e: BaseException) -> str:
@@ -101,7 +125,7 @@ def main(argv: list[str]) -> None:
                                     FLAGS.process_id)
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
-    MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    _mode(FLAGS.config)(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     sys.exit(f'error: {_one_line(e)}')
   except preemption.Preempted as e:

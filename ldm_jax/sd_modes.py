@@ -1,0 +1,402 @@
+"""`--mode`s of a Stable Diffusion config (configs/stable_diffusion.py).
+
+  train       fine-tune the U-Net on a captioned dataset, CLIP and the VAE frozen:
+              LoRA adapters (`diffusion.lora.rank > 0`) or the whole U-Net.
+              Checkpoints under WORKDIR/diffusion/checkpoints; SIGTERM saves and
+              exits 0, and rerunning resumes bit-identically.
+  sample      images for --prompt (and --negative_prompt) into WORKDIR/samples/,
+              with the fine-tuned weights when WORKDIR has a checkpoint.
+  edit        img2img or inpainting of `edit.input` in latent space, guided by --prompt.
+  merge_lora  the trained U-Net (LoRA merged into its base) as a full diffusers
+              folder WORKDIR/export/; LoRA runs also write their adapters as
+              WORKDIR/export_lora/pytorch_lora_weights.safetensors (diffusers'
+              `load_lora_weights`).
+
+Every step's randomness is `fold_in(state.rng, step)` and the data order a function
+of (seed, step), so a resumed run equals an uninterrupted one.
+"""
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from PIL import Image
+
+from ldm_jax import (checkpointing, diffusion, editing, input_pipeline, lora, optim,
+                     preemption, schedulers, sharding, train, train_state)
+from ldm_jax import stable_diffusion as sd
+from ldm_jax.errors import UserError
+
+Params = Any
+STAGE = 'diffusion'
+BASE_RECORD = 'pretrained.json'
+
+
+def is_stable_diffusion(config: ml_collections.ConfigDict) -> bool:
+  return config.get('pipeline', '') == 'stable_diffusion'
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if not config.pretrained:
+    raise UserError('config.pretrained is empty; accepted: a diffusers Stable Diffusion '
+                    'folder or Hub repo id, e.g. --config.pretrained=stable-diffusion-v1-5/'
+                    'stable-diffusion-v1-5')
+  if config.data.num_channels != 3:
+    raise UserError(f'config.data.num_channels={config.data.num_channels}; accepted: 3 (the '
+                    f'Stable Diffusion VAE takes RGB)')
+  if config.sample.method not in schedulers.METHODS:
+    raise UserError(f'config.sample.method={config.sample.method!r}; accepted: '
+                    f'{", ".join(schedulers.METHODS)}')
+  lora_config = config.diffusion.lora
+  if lora_config.rank < 0 or (lora_config.rank and not lora_config.targets):
+    raise UserError(f'config.diffusion.lora.rank={lora_config.rank} with targets='
+                    f'{tuple(lora_config.targets)}; accepted: rank >= 0 and, with rank > 0, '
+                    f'some of {", ".join(lora.TRANSFORMER_ATTENTION_TARGETS)}')
+
+
+def _lora_scale(config: ml_collections.ConfigDict) -> float:
+  return config.diffusion.lora.alpha / config.diffusion.lora.rank
+
+
+# ------------------------------------------------------------------ train ----
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The few settings the train step reads (hashable: static under jit)."""
+
+  unet: Any
+  text_encoder: Any
+  vae: Any
+  prediction_type: str
+  scaling_factor: float
+  lora_scale: float  # 0: full fine-tuning
+  cond_drop_prob: float
+  ema_decay: float
+
+
+def loss_fn(trainable: Params, frozen: Params, batch: dict[str, jax.Array], rng: jax.Array,
+            alphas_cumprod: jax.Array, spec: StepSpec) -> jax.Array:
+  """The denoising loss of SD fine-tuning on one batch.
+
+  Args:
+    trainable: LoRA adapters (spec.lora_scale > 0) or the U-Net's parameters.
+    frozen: {'unet' (the LoRA base; unused otherwise), 'text_encoder', 'vae'}.
+    batch: 'image' [B, H, W, 3] in [-1, 1], 'tokens' [B, 77], 'null_tokens' [1, 77].
+    rng: this step's key.
+    alphas_cumprod: [T] of the pipeline's scheduler.
+    spec: see `StepSpec`.
+  """
+  unet_params = (lora.merge(frozen['unet'], trainable, spec.lora_scale) if spec.lora_scale
+                 else trainable)
+  k_latent, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+  mean, logvar = spec.vae.apply({'params': frozen['vae']}, batch['image'],
+                                method=spec.vae.encode)
+  z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape))
+  z0 = jax.lax.stop_gradient(z0 * spec.scaling_factor)  # [B, h, w, 4]
+  b = z0.shape[0]
+  drop = jax.random.uniform(k_drop, (b,)) < spec.cond_drop_prob
+  tokens = jnp.where(drop[:, None], batch['null_tokens'], batch['tokens'])
+  context = jax.lax.stop_gradient(
+      spec.text_encoder.apply({'params': frozen['text_encoder']}, tokens))
+  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+  noise = jax.random.normal(k_noise, z0.shape)
+  a = alphas_cumprod[t][:, None, None, None]
+  x_t = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * noise
+  if spec.prediction_type == 'v_prediction':
+    target = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * z0
+  elif spec.prediction_type == 'sample':
+    target = z0
+  else:
+    target = noise
+  pred = spec.unet.apply({'params': unet_params}, x_t, t.astype(jnp.float32), context=context)
+  return jnp.mean((pred - target) ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=('spec',), donate_argnums=(0,))
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], frozen: Params,
+               alphas_cumprod: jax.Array, *, spec: StepSpec):
+  """One optimizer step: (state, batch) -> (state, metrics)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, rng, alphas_cumprod,
+                                            spec)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return state.apply_gradients(grads, ema_decay=spec.ema_decay), metrics
+
+
+def _record_base(directory: str, pretrained: str) -> None:
+  """Records which pipeline the run fine-tunes; a rerun with another one stops."""
+  record = os.path.join(directory, BASE_RECORD)
+  if os.path.exists(record):
+    with open(record) as f:
+      recorded = json.load(f)['pretrained']
+    if recorded != pretrained:
+      raise UserError(f'config.pretrained={pretrained!r}, but {directory} fine-tunes '
+                      f'{recorded!r}; accepted: that pipeline, or a new workdir')
+  elif jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(record + '.tmp', 'w') as f:
+      json.dump({'pretrained': pretrained}, f)
+    os.replace(record + '.tmp', record)
+
+
+def _batches(config: ml_collections.ConfigDict, pipe: sd.StableDiffusion, mesh,
+             start_step: int) -> Iterator[dict[str, jax.Array]]:
+  """Images and tokenized captions; the order is a function of (seed, step)."""
+  key = config.data.caption_key
+  ds = input_pipeline.create_dataset(
+      config.data, config.data.train_split, train=True, seed=config.seed, start_step=start_step,
+      features=lambda example, image: {'caption': example[key]})
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  null_tokens = jax.device_put(pipe.tokenizer(['']), replicated)
+  for batch in ds.as_numpy_iterator():
+    captions = [c.decode('utf-8') for c in batch.pop('caption')]
+    batch = {'image': batch['image'], 'tokens': pipe.tokenizer(captions)}
+    batch = sharding.global_batch(batch, mesh)
+    batch['null_tokens'] = null_tokens
+    yield batch
+
+
+def _spec(config, pipe: sd.StableDiffusion) -> StepSpec:
+  return StepSpec(unet=pipe.unet_model, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                  prediction_type=pipe.scheduler.prediction_type,
+                  scaling_factor=pipe.scaling_factor,
+                  lora_scale=_lora_scale(config) if config.diffusion.lora.rank else 0.0,
+                  cond_drop_prob=float(config.diffusion.cond_drop_prob),
+                  ema_decay=float(config.diffusion.ema_decay))
+
+
+def _init_state(config, pipe: sd.StableDiffusion) -> train_state.TrainState:
+  tx, _ = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  params = pipe.params['unet']
+  if config.diffusion.lora.rank:
+    params = lora.init_adapters(jax.random.fold_in(rng, 1), params,
+                                rank=config.diffusion.lora.rank,
+                                targets=tuple(config.diffusion.lora.targets))
+  return train_state.create_train_state(params, tx, jax.random.fold_in(rng, 2))
+
+
+def _manager(config, workdir: str, *, read_only: bool = False):
+  directory = os.path.join(workdir, STAGE, 'checkpoints')
+  return checkpointing.make_manager(directory, keep=config.train.keep_checkpoints,
+                                    read_only=read_only)
+
+
+def _restore(config, workdir: str, pipe: sd.StableDiffusion, manager):
+  init = lambda: _init_state(config, pipe)
+  abstract = jax.eval_shape(init)
+  replicated = jax.sharding.NamedSharding(sharding.make_mesh(mesh_shape=config.mesh_shape),
+                                          jax.sharding.PartitionSpec())
+  abstract = checkpointing.abstract_like(abstract, replicated)
+  return checkpointing.restore_or_init(manager, init, abstract)
+
+
+def train_mode(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+  """Fine-tunes the pipeline's U-Net (see the module docstring); returns the final state."""
+  _check_config(config)
+  pipe = sd.load(config.pretrained)
+  _record_base(os.path.join(workdir, STAGE), config.pretrained)
+  mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
+  manager = _manager(config, workdir)
+  state, restored = _restore(config, workdir, pipe, manager)
+  start = int(jax.device_get(state.step))
+  num_steps = config.diffusion.num_train_steps
+  logging.info('%s: %s %s parameters%s', STAGE,
+               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}',
+               'LoRA' if config.diffusion.lora.rank else 'U-Net',
+               f'; resumed from step {start}' if restored else '')
+  if start >= num_steps:
+    return state
+  # Everything but the batch replicated over the mesh, as the step returns the state:
+  # the step then compiles once.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(state, replicated)
+  frozen = jax.device_put(
+      {'unet': pipe.params['unet'] if config.diffusion.lora.rank else {},
+       'text_encoder': pipe.params['text_encoder'], 'vae': pipe.params['vae']}, replicated)
+  abar = jax.device_put(schedulers.alphas_cumprod(pipe.scheduler), replicated)
+  spec = _spec(config, pipe)
+  step_fn = lambda state, batch: train_step(state, batch, frozen, abar, spec=spec)
+  writer = train.summary_writer(os.path.join(workdir, STAGE, 'tensorboard'))
+  with preemption.handle_sigterm():
+    state = train._run_stage(  # pylint: disable=protected-access
+        STAGE, state, step_fn, _batches(config, pipe, mesh, start), num_train_steps=num_steps,
+        manager=manager, writer=writer, config=config)
+  if config.diffusion.lora.rank and jax.process_index() == 0:
+    sd.save_lora(jax.device_get(state.ema_params), _lora_scale(config), pipe.params['unet'],
+                 os.path.join(workdir, 'lora'))
+  return state
+
+
+def trained_unet_params(config: ml_collections.ConfigDict, workdir: str,
+                        pipe: sd.StableDiffusion) -> tuple[Params, Params | None, int] | None:
+  """(U-Net params, LoRA adapters or None, step) of WORKDIR's latest checkpoint, or None."""
+  directory = os.path.join(workdir, STAGE, 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  manager = _manager(config, workdir, read_only=True)
+  if manager.latest_step() is None:
+    return None
+  _record_base(os.path.join(workdir, STAGE), config.pretrained)
+  state, _ = _restore(config, workdir, pipe, manager)
+  ema = jax.device_get(state.ema_params)
+  step = int(jax.device_get(state.step))
+  if config.diffusion.lora.rank:
+    return lora.merge(pipe.params['unet'], ema, _lora_scale(config)), ema, step
+  return ema, None, step
+
+
+# ----------------------------------------------------------------- sample ----
+
+
+def _prompts(prompts: Sequence[str] | None, negative: Sequence[str] | None
+             ) -> tuple[list[str], list[str] | None]:
+  if not prompts:
+    raise UserError('a Stable Diffusion config samples from text; accepted: --prompt="..." '
+                    '(repeatable)')
+  if negative and len(negative) not in (1, len(prompts)):
+    raise UserError(f'{len(negative)} --negative_prompt for {len(prompts)} --prompt; accepted: '
+                    f'one, or one per prompt')
+  if negative and len(negative) == 1:
+    negative = list(negative) * len(prompts)
+  return list(prompts), (list(negative) if negative else None)
+
+
+def _save_images(images: np.ndarray, directory: str, stem: str) -> list[str]:
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for i, image in enumerate(np.asarray(images)):
+    path = os.path.join(directory, f'{stem}_{i:03d}.png')
+    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+    paths.append(path)
+  return paths
+
+
+def _with_trained_weights(config, workdir: str, pipe: sd.StableDiffusion) -> sd.StableDiffusion:
+  trained = trained_unet_params(config, workdir, pipe)
+  if trained is not None:
+    logging.info('%s: using the fine-tuned U-Net of step %d', STAGE, trained[2])
+    pipe.params = {**pipe.params, 'unet': trained[0]}
+  return pipe
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str,
+                prompts: Sequence[str] | None = None,
+                negative_prompts: Sequence[str] | None = None,
+                num_samples: int | None = None) -> list[str]:
+  """Writes num_samples images per prompt to WORKDIR/samples/; returns their paths."""
+  _check_config(config)
+  prompts, negative = _prompts(prompts, negative_prompts)  # Before loading anything.
+  pipe = _with_trained_weights(config, workdir, sd.load(config.pretrained))
+  count = num_samples or config.sample.num_samples
+  size = config.sample.image_size or None
+  images = []
+  for i in range(count):
+    images.append(np.asarray(pipe(
+        prompts, negative, num_steps=config.sample.num_steps,
+        guidance_scale=config.sample.guidance_scale, method=config.sample.method,
+        seed=config.seed + i, height=size, width=size)))
+  images = np.stack(images, axis=1).reshape(-1, *images[0].shape[1:])  # prompt-major
+  paths = _save_images(images, os.path.join(workdir, 'samples'), 'sd')
+  if jax.process_index() == 0:
+    print(f'samples: {os.path.join(workdir, "samples")} ({len(paths)} images)')
+  return paths
+
+
+# ------------------------------------------------------------- merge_lora ----
+
+
+def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the fine-tuned pipeline as WORKDIR/export (and the LoRA file); returns the folder."""
+  _check_config(config)
+  export = os.path.join(workdir, 'export')
+  if os.path.exists(export):
+    raise UserError(f'{export} already exists; accepted: remove it first')
+  pipe = sd.load(config.pretrained)
+  trained = trained_unet_params(config, workdir, pipe)
+  if trained is None:
+    raise UserError(f'no fine-tuning checkpoint in {os.path.join(workdir, STAGE)}; run '
+                    f'--mode=train first')
+  unet_params, adapters, step = trained
+  if jax.process_index() == 0:
+    sd.save(pipe, export, unet_params=unet_params)
+    print(f'pipeline (step {step}): {export}')
+    if adapters is not None:
+      file = sd.save_lora(adapters, _lora_scale(config), pipe.params['unet'],
+                          os.path.join(workdir, 'export_lora'))
+      print(f'LoRA: {file}')
+  return export
+
+
+# ------------------------------------------------------------------- edit ----
+
+
+def _schedule(c: schedulers.SchedulerConfig) -> diffusion.Schedule:
+  """ldm_jax's schedule with the pipeline scheduler's abar (for `editing`'s samplers)."""
+  abar = schedulers.alphas_cumprod(c).astype(np.float64)
+  return diffusion.schedule_from_betas(1 - abar / np.concatenate([[1.0], abar[:-1]]))
+
+
+def edit_mode(config: ml_collections.ConfigDict, workdir: str,
+              prompts: Sequence[str] | None = None,
+              negative_prompts: Sequence[str] | None = None) -> str:
+  """img2img (SDEdit) or inpainting (RePaint) of `edit.input` in latent space.
+
+  Uses `editing.img2img` / `editing.inpaint` with the pipeline's U-Net, schedule and
+  prediction type, guided by the prompt (`sample.guidance_scale`). Writes
+  WORKDIR/edits/sd_edit_000.png; returns its path.
+  """
+  _check_config(config)
+  prompts, negative = _prompts(prompts, negative_prompts)
+  if len(prompts) != 1:
+    raise UserError(f'--mode=edit takes one --prompt, got {len(prompts)}')
+  edit = config.edit
+  if edit.task not in editing.TASKS:
+    raise UserError(f'config.edit.task={edit.task!r}; accepted: {", ".join(editing.TASKS)}')
+  if not edit.input:
+    raise UserError('config.edit.input is empty; accepted: a path to a PNG or JPEG image')
+  if edit.task == 'inpaint' and not edit.mask:
+    raise UserError('config.edit.mask is empty; accepted: a PNG (white = regenerate) for '
+                    'task=inpaint')
+  if edit.task == 'img2img' and not 0 < edit.strength <= 1:
+    raise UserError(f'config.edit.strength={edit.strength}; accepted: a number in (0, 1]')
+  pipe = sd.load(config.pretrained)
+  size = config.sample.image_size or pipe.sample_size
+  image = editing.load_image(edit.input, size, 3)  # [H, W, 3] in [-1, 1]
+  known_pixels = editing.load_mask(edit.mask, size) if edit.task == 'inpaint' else None
+  pipe = _with_trained_weights(config, workdir, pipe)
+  latents = pipe.encode(jnp.asarray(image[None]))
+  context = pipe.encode_prompt(prompts)
+  uncond = pipe.encode_prompt(negative or [''])
+  unet, params = pipe.unet_model, pipe.params['unet']
+  model_fn = lambda x, t, c: unet.apply({'params': params}, x, t, context=c)
+  options = dict(num_steps=config.sample.num_steps,
+                 prediction_type=schedulers.PREDICTION_NAMES[pipe.scheduler.prediction_type],
+                 guidance_scale=float(config.sample.guidance_scale), cond=context,
+                 null_cond=uncond)
+  rng = jax.random.PRNGKey(config.seed)
+  schedule = _schedule(pipe.scheduler)
+  if edit.task == 'inpaint':
+    factor = pipe.vae_scale_factor
+    known = editing.latent_known_mask(known_pixels, factor)[None]
+    edited = editing.inpaint(model_fn, schedule, latents, known, rng, **options)
+  else:
+    edited = editing.img2img(model_fn, schedule, latents, float(edit.strength), rng,
+                             method=config.sample.method, **options)
+  images = pipe.decode(edited)  # [1, H, W, 3] in [0, 1]
+  if known_pixels is not None:  # The decoder only approximates the kept pixels.
+    images = jnp.where(known_pixels[None] > 0.5, image[None] / 2 + 0.5, images)
+  path = _save_images(np.asarray(images), os.path.join(workdir, 'edits'), 'sd_edit')[0]
+  if jax.process_index() == 0:
+    print(f'edit: {path}')
+  return path

@@ -1,0 +1,154 @@
+"""Stable Diffusion modes: LoRA fine-tuning on the digits captions, resume, sample, edit, export.
+
+The tiny SD-1 style pipeline of tests/fixtures/sd_tiny/sd1 is fine-tuned at 16x16.
+"""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from PIL import Image
+
+from configs import stable_diffusion as sd_config
+from ldm_jax import lora, preemption, schedulers, sd_modes
+from ldm_jax import stable_diffusion as sd
+from ldm_jax.errors import UserError
+
+PIPELINE = os.path.join(os.path.dirname(__file__), 'fixtures', 'sd_tiny', 'sd1')
+NUM_STEPS = 30
+PREEMPT_AT = 7  # SIGTERM while the 7th batch is drawn
+
+
+@pytest.fixture(scope='module')
+def config(digits_data_dir):
+  import tensorflow_datasets as tfds
+
+  tfds.builder('digits_captions', data_dir=digits_data_dir).download_and_prepare()
+  c = sd_config.get_config()
+  c.pretrained = PIPELINE
+  c.data.update(data_dir=digits_data_dir, image_size=16, batch_size=8, shuffle_buffer=100)
+  c.diffusion.num_train_steps = NUM_STEPS
+  c.diffusion.optim.learning_rate = 2e-2
+  c.diffusion.lora.update(rank=4, alpha=4.0)
+  c.train.update(log_every=10, checkpoint_every=100)
+  c.sample.update(num_steps=4, num_samples=1)
+  return c
+
+
+@pytest.fixture(scope='module')
+def trained(config, tmp_path_factory):
+  """(workdir, final state) of an uninterrupted LoRA run."""
+  workdir = str(tmp_path_factory.mktemp('sd_lora'))
+  return workdir, sd_modes.train_mode(config, workdir)
+
+
+def _eval_loss(config, adapters) -> float:
+  """The loss on fixed batches and noise, averaged over 4 keys (the same for every call)."""
+  pipe = sd.load(config.pretrained)
+  spec = sd_modes._spec(config, pipe)
+  frozen = {'unet': pipe.params['unet'], 'text_encoder': pipe.params['text_encoder'],
+            'vae': pipe.params['vae']}
+  abar = schedulers.alphas_cumprod(pipe.scheduler)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
+  batches = sd_modes._batches(config, pipe, mesh, 0)
+  loss = jax.jit(sd_modes.loss_fn, static_argnames=('spec',))
+  values = [loss(adapters, frozen, next(batches), jax.random.PRNGKey(i), abar, spec=spec)
+            for i in range(4)]
+  return float(np.mean(values))
+
+
+def test_lora_fine_tuning_lowers_the_loss(config, trained):
+  _, state = trained
+  assert int(state.step) == NUM_STEPS
+  start = jax.tree.map(np.zeros_like, state.params)  # B = 0: the base pipeline
+  before, after = _eval_loss(config, start), _eval_loss(config, jax.device_get(state.params))
+  assert after < 0.95 * before, (before, after)
+  # Only the attention projections of the spatial transformers are adapted.
+  paths = {'/'.join(p[:-1]) for p in jax.tree_util.tree_flatten_with_path(state.params)[0]
+           for p in [tuple(k.key for k in p[0])]}
+  assert paths and all(p.split('/')[-1] in lora.TRANSFORMER_ATTENTION_TARGETS for p in paths)
+  assert any('/attn2/' in f'/{p}/' for p in paths) and any('/attn1/' in f'/{p}/' for p in paths)
+
+
+def test_sigterm_saves_and_the_resumed_run_is_bit_identical(config, trained, tmp_path,
+                                                            monkeypatch):
+  workdir = str(tmp_path / 'preempted')
+  batches = sd_modes._batches
+
+  def signalling_batches(*args):
+    for i, batch in enumerate(batches(*args)):
+      if i + 1 == PREEMPT_AT:
+        os.kill(os.getpid(), signal.SIGTERM)  # Through the real handler.
+      yield batch
+
+  monkeypatch.setattr(sd_modes, '_batches', signalling_batches)
+  with pytest.raises(preemption.Preempted) as info:
+    sd_modes.train_mode(config, workdir)
+  assert info.value.step == PREEMPT_AT
+  monkeypatch.setattr(sd_modes, '_batches', batches)
+  resumed = sd_modes.train_mode(config, workdir)
+  _, uninterrupted = trained
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_merge_lora_exports_a_pipeline_and_a_diffusers_lora_file(config, trained):
+  workdir, state = trained
+  export = sd_modes.merge_lora_mode(config, workdir)
+  pipe, exported = sd.load(PIPELINE), sd.load(export)
+  merged = lora.merge(pipe.params['unet'], jax.device_get(state.ema_params),
+                      sd_modes._lora_scale(config))
+  for a, b in zip(jax.tree.leaves(exported.params['unet']), jax.tree.leaves(merged)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(exported.params['text_encoder']),
+                  jax.tree.leaves(pipe.params['text_encoder'])):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  file = os.path.join(workdir, 'export_lora', sd.LORA_FILE)
+  adapters = sd.load_lora(file, pipe.params['unet'])
+  for a, b in zip(jax.tree.leaves(lora.merge(pipe.params['unet'], adapters, 1.0)),
+                  jax.tree.leaves(merged)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert all(k.startswith('unet.') for k in safetensors.numpy.load_file(file))
+  with pytest.raises(UserError, match='already exists'):
+    sd_modes.merge_lora_mode(config, workdir)
+
+
+def test_sample_and_edit_write_images(config, trained, tmp_path):
+  workdir, _ = trained
+  paths = sd_modes.sample_mode(config, workdir, ['a thick seven', 'a two'], ['blurry'])
+  assert len(paths) == 2
+  images = [np.asarray(Image.open(p)) for p in paths]
+  assert all(i.shape == (16, 16, 3) for i in images) and not np.array_equal(*images)
+
+  source = (np.random.default_rng(0).uniform(size=(16, 16, 3)) * 255).astype(np.uint8)
+  Image.fromarray(source).save(tmp_path / 'input.png')
+  mask = np.zeros((16, 16), np.uint8)
+  mask[4:12, 4:12] = 255  # white = regenerate
+  Image.fromarray(mask).save(tmp_path / 'mask.png')
+  config = config.copy_and_resolve_references()
+  config.edit.update(task='inpaint', input=str(tmp_path / 'input.png'),
+                     mask=str(tmp_path / 'mask.png'))
+  edited = np.asarray(Image.open(sd_modes.edit_mode(config, workdir, ['a four'])))
+  keep = mask == 0
+  np.testing.assert_array_equal(edited[keep], source[keep])  # kept pixels are the input's
+  assert not np.array_equal(edited[~keep], source[~keep])
+
+
+@pytest.mark.parametrize('prompts, negative, message', [
+    (None, None, 'accepted: --prompt='),
+    (['a', 'b', 'c'], ['x', 'y'], '2 --negative_prompt for 3 --prompt'),
+])
+def test_bad_prompts_stop_before_anything_is_written(config, tmp_path, prompts, negative,
+                                                     message):
+  with pytest.raises(UserError, match=message):
+    sd_modes.sample_mode(config, str(tmp_path), prompts, negative)
+  assert not os.listdir(tmp_path)
+
+
+def test_missing_pretrained_is_one_line(config, tmp_path):
+  config = config.copy_and_resolve_references()
+  config.pretrained = ''
+  with pytest.raises(UserError, match='config.pretrained is empty'):
+    sd_modes.train_mode(config, str(tmp_path))
