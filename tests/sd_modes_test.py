@@ -44,30 +44,42 @@ def trained(config, tmp_path_factory):
   return workdir, sd_modes.train_mode(config, workdir)
 
 
-def _eval_loss(config, adapters) -> float:
-  """The loss on fixed batches and noise, averaged over 4 keys (the same for every call)."""
+def _eval_losses(config, *adapter_trees, full: bool = False) -> list[float]:
+  """The loss of each tree on the same batches and noise (4 keys), to compare.
+
+  The trees are LoRA adapters, or with `full` U-Net parameters (full fine-tuning).
+  """
   pipe = sd.load(config.pretrained)
+  if full:
+    config = config.copy_and_resolve_references()
+    config.diffusion.lora.rank = 0
   spec = sd_modes._spec(config, pipe)
   frozen = {'unet': pipe.params['unet'], 'text_encoder': pipe.params['text_encoder'],
             'vae': pipe.params['vae']}
   abar = schedulers.alphas_cumprod(pipe.scheduler)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
   batches = sd_modes._batches(config, pipe, mesh, 0)
+  batches = [next(batches) for _ in range(4)]
   loss = jax.jit(sd_modes.loss_fn, static_argnames=('spec',))
-  values = [loss(adapters, frozen, next(batches), jax.random.PRNGKey(i), abar, spec=spec)
-            for i in range(4)]
-  return float(np.mean(values))
+  return [float(np.mean([loss(adapters, frozen, batch, jax.random.PRNGKey(i), abar, spec=spec)
+                         for i, batch in enumerate(batches)]))
+          for adapters in adapter_trees]
 
 
 def test_lora_fine_tuning_lowers_the_loss(config, trained):
   _, state = trained
   assert int(state.step) == NUM_STEPS
   start = jax.tree.map(np.zeros_like, state.params)  # B = 0: the base pipeline
-  before, after = _eval_loss(config, start), _eval_loss(config, jax.device_get(state.params))
+  before, after = _eval_losses(config, start, jax.device_get(state.params))
   assert after < 0.95 * before, (before, after)
+  # Full fine-tuning's loss (rank 0: the trained tree is the U-Net) starts at the same
+  # value: the base pipeline's.
+  pipe = sd.load(config.pretrained)
+  full_before, = _eval_losses(config, pipe.params['unet'], full=True)
+  np.testing.assert_allclose(full_before, before, rtol=1e-5)
   # Only the attention projections of the spatial transformers are adapted.
-  paths = {'/'.join(p[:-1]) for p in jax.tree_util.tree_flatten_with_path(state.params)[0]
-           for p in [tuple(k.key for k in p[0])]}
+  paths = {'/'.join(k.key for k in path[:-1])
+           for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert paths and all(p.split('/')[-1] in lora.TRANSFORMER_ATTENTION_TARGETS for p in paths)
   assert any('/attn2/' in f'/{p}/' for p in paths) and any('/attn1/' in f'/{p}/' for p in paths)
 
