@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
       num_train_steps=1_000,
       ema_decay=0.0,           # 0: the EMA copy is the trained weights.
       cond_drop_prob=0.1,      # Captions -> '' at this rate (classifier-free guidance).
+      # Encode the train split once (VAE posteriors and CLIP embeddings of the captions)
+      # into WORKDIR/sd_latents and train from there; no flips, one process.
+      cache_latents=False,
       # rank > 0: LoRA adapters on these U-Net layers (attn1 = self-, attn2 = cross-attention).
       lora=dict(rank=4, alpha=4.0, targets=('to_q', 'to_k', 'to_v', 'to_out_0')),
       optim=dict(

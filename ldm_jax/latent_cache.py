@@ -300,13 +300,14 @@ def cached_scale_factor(arrays: Arrays) -> float:
 
 
 def batches(arrays: Arrays, local_batch_size: int, *, seed: int, start_step: int = 0,
-            random_flip: bool = False) -> Iterator[Arrays]:
+            random_flip: bool = False, extra_keys: tuple[str, ...] = ()) -> Iterator[Arrays]:
   """Endless local batches of `latent_mean`, `latent_logvar`, `label` from cached arrays.
 
   Every epoch visits each example once in an order seeded by (seed, epoch, process);
   with `random_flip` each example's mirrored posterior is taken with probability 1/2.
   Batch k is a function of k alone, so a run resumed at `start_step` continues the
-  exact sequence of an uninterrupted one.
+  exact sequence of an uninterrupted one. `extra_keys` name further per-example
+  arrays to batch alongside (e.g. cached text embeddings).
   """
   num_examples = len(arrays['label'])
   if num_examples < local_batch_size:
@@ -332,7 +333,7 @@ def batches(arrays: Arrays, local_batch_size: int, *, seed: int, start_step: int
       rows = epoch_of == epoch
       index[rows] = order[positions[rows] % num_examples]
       flipped[rows] = flips[positions[rows] % num_examples]
-    batch = {'label': arrays['label'][index]}
+    batch = {'label': arrays['label'][index], **{k: arrays[k][index] for k in extra_keys}}
     for key in ('latent_mean', 'latent_logvar'):
       values = arrays[key][index]
       if random_flip:

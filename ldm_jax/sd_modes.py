@@ -3,7 +3,9 @@
   train       fine-tune the U-Net on a captioned dataset, CLIP and the VAE frozen:
               LoRA adapters (`diffusion.lora.rank > 0`) or the whole U-Net.
               Checkpoints under WORKDIR/diffusion/checkpoints; SIGTERM saves and
-              exits 0, and rerunning resumes bit-identically.
+              exits 0, and rerunning resumes bit-identically. With
+              `diffusion.cache_latents` the VAE posteriors and CLIP embeddings of
+              the captions are computed once into WORKDIR/sd_latents/.
   sample      images for --prompt (and --negative_prompt) into WORKDIR/samples/,
               with the fine-tuned weights when WORKDIR has a checkpoint.
   edit        img2img or inpainting of `edit.input` in latent space, guided by --prompt.
@@ -30,14 +32,15 @@ import optax
 from absl import logging
 from PIL import Image
 
-from ldm_jax import (checkpointing, diffusion, editing, input_pipeline, lora, optim,
-                     preemption, schedulers, sharding, train, train_state)
+from ldm_jax import (checkpointing, diffusion, editing, input_pipeline, latent_cache, lora,
+                     optim, preemption, schedulers, sharding, train, train_state)
 from ldm_jax import stable_diffusion as sd
 from ldm_jax.errors import UserError
 
 Params = Any
 STAGE = 'diffusion'
 BASE_RECORD = 'pretrained.json'
+CACHE_DIR = 'sd_latents'
 
 
 def is_stable_diffusion(config: ml_collections.ConfigDict) -> bool:
@@ -55,6 +58,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.sample.method not in schedulers.METHODS:
     raise UserError(f'config.sample.method={config.sample.method!r}; accepted: '
                     f'{", ".join(schedulers.METHODS)}')
+  if config.diffusion.cache_latents and config.data.random_flip:
+    raise UserError('config.diffusion.cache_latents=True caches unflipped images; accepted: '
+                    'config.data.random_flip=False')
   lora_config = config.diffusion.lora
   if lora_config.rank < 0 or (lora_config.rank and not lora_config.targets):
     raise UserError(f'config.diffusion.lora.rank={lora_config.rank} with targets='
@@ -90,7 +96,9 @@ def loss_fn(trainable: Params, frozen: Params, batch: dict[str, jax.Array], rng:
   Args:
     trainable: LoRA adapters (spec.lora_scale > 0) or the U-Net's parameters.
     frozen: {'unet' (the LoRA base; unused otherwise), 'text_encoder', 'vae'}.
-    batch: 'image' [B, H, W, 3] in [-1, 1], 'tokens' [B, 77], 'null_tokens' [1, 77].
+    batch: 'image' [B, H, W, 3] in [-1, 1], 'tokens' [B, 77], 'null_tokens' [1, 77];
+      or from the cache 'latent_mean', 'latent_logvar' [B, h, w, 4], 'context'
+      [B, 77, D], 'null_context' [1, 77, D].
     rng: this step's key.
     alphas_cumprod: [T] of the pipeline's scheduler.
     spec: see `StepSpec`.
@@ -98,15 +106,21 @@ def loss_fn(trainable: Params, frozen: Params, batch: dict[str, jax.Array], rng:
   unet_params = (lora.merge(frozen['unet'], trainable, spec.lora_scale) if spec.lora_scale
                  else trainable)
   k_latent, k_t, k_noise, k_drop = jax.random.split(rng, 4)
-  mean, logvar = spec.vae.apply({'params': frozen['vae']}, batch['image'],
-                                method=spec.vae.encode)
+  if 'latent_mean' in batch:  # From the cache (a fixed batch layout: one program each).
+    mean, logvar = batch['latent_mean'], batch['latent_logvar']
+  else:
+    mean, logvar = spec.vae.apply({'params': frozen['vae']}, batch['image'],
+                                  method=spec.vae.encode)
   z0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape))
   z0 = jax.lax.stop_gradient(z0 * spec.scaling_factor)  # [B, h, w, 4]
   b = z0.shape[0]
   drop = jax.random.uniform(k_drop, (b,)) < spec.cond_drop_prob
-  tokens = jnp.where(drop[:, None], batch['null_tokens'], batch['tokens'])
-  context = jax.lax.stop_gradient(
-      spec.text_encoder.apply({'params': frozen['text_encoder']}, tokens))
+  if 'context' in batch:
+    context = jnp.where(drop[:, None, None], batch['null_context'], batch['context'])
+  else:
+    tokens = jnp.where(drop[:, None], batch['null_tokens'], batch['tokens'])
+    context = spec.text_encoder.apply({'params': frozen['text_encoder']}, tokens)
+  context = jax.lax.stop_gradient(context)
   t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(k_noise, z0.shape)
   a = alphas_cumprod[t][:, None, None, None]
@@ -162,6 +176,76 @@ def _batches(config: ml_collections.ConfigDict, pipe: sd.StableDiffusion, mesh,
     batch = {'image': batch['image'], 'tokens': pipe.tokenizer(captions)}
     batch = sharding.global_batch(batch, mesh)
     batch['null_tokens'] = null_tokens
+    yield batch
+
+
+def _cache_fingerprint(config, pipe: sd.StableDiffusion) -> dict:
+  data = {k: config.data[k] for k in ('name', 'train_split', 'image_size', 'num_channels',
+                                      'image_key', 'caption_key')}
+  return {'pretrained': config.pretrained, 'data': data,
+          'vae': latent_cache.params_sha256(pipe.params['vae']),
+          'text_encoder': latent_cache.params_sha256(pipe.params['text_encoder'])}
+
+
+def build_cache(config, workdir: str, pipe: sd.StableDiffusion, mesh) -> dict[str, np.ndarray]:
+  """The train split's VAE posteriors and caption embeddings, from WORKDIR/sd_latents.
+
+  Encoded on first use (one ordered pass) and rebuilt when the pipeline or the data
+  settings differ from those recorded in its fingerprint.json.
+
+  Returns:
+    'latent_mean', 'latent_logvar' [N, h, w, 4], 'context' [N, 77, D] float32 and
+    'label' [N] (zeros), in the split's order.
+  """
+  if jax.process_count() > 1:
+    raise UserError('config.diffusion.cache_latents=True runs on one process; accepted: '
+                    'cache_latents=False for multi-process fine-tuning')
+  directory = os.path.join(workdir, CACHE_DIR)
+  file, record = os.path.join(directory, 'cache.npz'), os.path.join(directory, 'fingerprint.json')
+  expected = _cache_fingerprint(config, pipe)
+  if os.path.exists(file) and os.path.exists(record):
+    with open(record) as f:
+      if json.load(f) == expected:
+        logging.info('%s: reusing the latent and caption cache in %s', STAGE, directory)
+        with np.load(file) as cached:
+          return {k: cached[k] for k in cached.files}
+    logging.info('%s: the cache in %s is for other settings; rebuilding', STAGE, directory)
+  key = config.data.caption_key
+  ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=False,
+                                     seed=config.seed,
+                                     features=lambda example, image: {'caption': example[key]})
+  encode_images = jax.jit(lambda p, x: pipe.vae.apply({'params': p}, x, method=pipe.vae.encode))
+  parts = []
+  for batch in ds.as_numpy_iterator():
+    keep = batch['mask'] > 0
+    captions = [c.decode('utf-8') for c in batch['caption']]
+    mean, logvar = encode_images(pipe.params['vae'], batch['image'])
+    parts.append({'latent_mean': np.asarray(mean)[keep], 'latent_logvar': np.asarray(logvar)[keep],
+                  'context': np.asarray(pipe.encode_prompt(captions))[keep]})
+  arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  arrays['label'] = np.zeros(len(arrays['context']), np.int32)
+  os.makedirs(directory, exist_ok=True)
+  with open(file + '.tmp', 'wb') as f:
+    np.savez(f, **arrays)
+  os.replace(file + '.tmp', file)
+  with open(record + '.tmp', 'w') as f:
+    json.dump(expected, f, indent=2)
+  os.replace(record + '.tmp', record)
+  logging.info('%s: cached %d latents and caption embeddings in %s', STAGE,
+               len(arrays['label']), directory)
+  return arrays
+
+
+def _cached_batches(config, pipe: sd.StableDiffusion, mesh, arrays: dict[str, np.ndarray],
+                    start_step: int) -> Iterator[dict[str, jax.Array]]:
+  """Batches of cached posteriors and caption embeddings; the order is a function of step."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  null_context = jax.device_put(np.asarray(pipe.encode_prompt([''])), replicated)
+  for batch in latent_cache.batches(arrays, config.data.batch_size, seed=config.seed,
+                                    start_step=start_step, extra_keys=('context',)):
+    batch.pop('label')
+    batch = sharding.global_batch(batch, mesh)
+    batch['null_context'] = null_context
     yield batch
 
 
@@ -227,10 +311,14 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str) -> train_state.T
   spec = _spec(config, pipe)
   step_fn = lambda state, batch: train_step(state, batch, frozen, abar, spec=spec)
   writer = train.summary_writer(os.path.join(workdir, STAGE, 'tensorboard'))
+  if config.diffusion.cache_latents:
+    batches = _cached_batches(config, pipe, mesh, build_cache(config, workdir, pipe, mesh), start)
+  else:
+    batches = _batches(config, pipe, mesh, start)
   with preemption.handle_sigterm():
     state = train._run_stage(  # pylint: disable=protected-access
-        STAGE, state, step_fn, _batches(config, pipe, mesh, start), num_train_steps=num_steps,
-        manager=manager, writer=writer, config=config)
+        STAGE, state, step_fn, batches, num_train_steps=num_steps, manager=manager,
+        writer=writer, config=config)
   if config.diffusion.lora.rank and jax.process_index() == 0:
     sd.save_lora(jax.device_get(state.ema_params), _lora_scale(config), pipe.params['unet'],
                  os.path.join(workdir, 'lora'))

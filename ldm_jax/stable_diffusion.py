@@ -61,8 +61,6 @@ HUB_PATTERNS = (MODEL_INDEX, 'scheduler/*.json', 'tokenizer/*', 'text_encoder/co
                 f'text_encoder/{TEXT_ENCODER_WEIGHTS}', 'unet/config.json',
                 f'unet/{pretrained.WEIGHTS_FILE}', 'vae/config.json',
                 f'vae/{pretrained.WEIGHTS_FILE}')
-# LoRA targets of Stable Diffusion fine-tuning: self- and cross-attention projections.
-ATTENTION_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out_0')
 
 # UNet2DConditionModel options and the values our U-Net represents (diffusers' defaults
 # fill keys a config.json omits).

@@ -164,3 +164,28 @@ def test_missing_pretrained_is_one_line(config, tmp_path):
   config.pretrained = ''
   with pytest.raises(UserError, match='config.pretrained is empty'):
     sd_modes.train_mode(config, str(tmp_path))
+
+
+def test_cached_latents_and_caption_embeddings(config, tmp_path, caplog):
+  import tensorflow_datasets as tfds
+
+  config = config.copy_and_resolve_references()
+  config.data.train_split = 'train[:20]'
+  config.diffusion.update(cache_latents=True, num_train_steps=2)
+  workdir = str(tmp_path)
+  state = sd_modes.train_mode(config, workdir)
+  assert int(state.step) == 2
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  with np.load(os.path.join(workdir, sd_modes.CACHE_DIR, 'cache.npz')) as cache:
+    cache = dict(cache)
+  assert cache['latent_mean'].shape == (20, 8, 8, 4) and cache['context'].shape == (20, 77, 8)
+  # The cache holds, in the split's order, what the pipeline computes for each example.
+  pipe = sd.load(config.pretrained)
+  examples = tfds.load('digits_captions', split='train[:3]', data_dir=config.data.data_dir)
+  captions = [e['caption'].decode('utf-8') for e in tfds.as_numpy(examples)]
+  np.testing.assert_allclose(cache['context'][:3], pipe.encode_prompt(captions), atol=1e-5)
+  # A rerun reuses the cache and continues from the checkpoint.
+  config.diffusion.num_train_steps = 3
+  with caplog.at_level('INFO'):
+    assert int(sd_modes.train_mode(config, workdir).step) == 3
+  assert any('reusing the latent and caption cache' in r.getMessage() for r in caplog.records)
