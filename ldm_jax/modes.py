@@ -1,7 +1,9 @@
 """What `--mode` runs: every mode is one function of (config, workdir, mesh, options).
 
 `run` is the one way in: it validates the config (and the mode's own section),
-builds the mesh once, and calls the mode, which receives both ready. Modes restore
+builds the mesh once, and calls the mode, which receives both ready. A Stable
+Diffusion pipeline config (`config.pipeline='stable_diffusion'`) takes the same
+path with its own checks and modes, `ldm_jax.sd_modes`. Modes restore
 what they need through `ldm_jax.stages`; the training modes hand the trainer its
 in-training hooks (samples, evaluations), so that `ldm_jax.train` knows only steps
 and the loop.
@@ -19,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import builders, conditioning, editing, evaluation, generate, input_pipeline
 from ldm_jax import images as image_io
-from ldm_jax import latent_cache, preemption, pretrained, sharding, stages, train
+from ldm_jax import latent_cache, preemption, pretrained, sd_modes, sharding, stages, train
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -31,9 +33,12 @@ class Options:
   Attributes:
     num_samples: samples to write in --mode=sample (None: config.sample.num_samples).
     prompts: text prompts for sample and edit with a text-conditioned model.
+    negative_prompts: what classifier-free guidance steers away from (Stable
+      Diffusion configs only): one for all prompts or one per prompt.
   """
   num_samples: int | None = None
   prompts: tuple[str, ...] | None = None
+  negative_prompts: tuple[str, ...] | None = None
 
 
 Mode = Callable[[ml_collections.ConfigDict, str, object, Options], object]
@@ -302,10 +307,20 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   """Validates `config` for `mode`, builds the mesh, and runs the mode; returns its result."""
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; accepted: {", ".join(MODES)}')
-  validate_config(config)
-  if mode in _MODE_CHECKS:
-    _MODE_CHECKS[mode](config)
+  if sd_modes.is_stable_diffusion(config):
+    modes, validate, mode_checks = sd_modes.MODES, sd_modes.check_config, sd_modes.MODE_CHECKS
+    if mode not in modes:
+      raise UserError(f'--mode={mode} is not available for a Stable Diffusion config; '
+                      f'accepted: {", ".join(modes)}')
+  else:
+    modes, validate, mode_checks = MODES, validate_config, _MODE_CHECKS
+    if options.negative_prompts:
+      raise UserError('--negative_prompt needs a Stable Diffusion config '
+                      '(configs/stable_diffusion.py)')
+  validate(config)
+  if mode in mode_checks:
+    mode_checks[mode](config)
   mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
   logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
                jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
-  return MODES[mode](config, workdir, mesh, options)
+  return modes[mode](config, workdir, mesh, options)
