@@ -43,7 +43,7 @@ from absl import logging
 from PIL import Image
 
 from ldm_jax import (checkpointing, diffusion, editing, input_pipeline, latent_cache, lora,
-                     optim, schedulers, sharding, stages, train, train_state)
+                     optim, preemption, schedulers, sharding, stages, train, train_state)
 from ldm_jax import stable_diffusion as sd
 from ldm_jax.errors import UserError
 
