@@ -211,6 +211,9 @@ TENSOR = 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight'
     ('sdxl', "'StableDiffusionXLPipeline' (SDXL) is not supported"),
     ('sdxl_unet', "addition_embed_type='text_time' (an SDXL U-Net) is not supported"),
     ('karras', 'use_karras_sigmas=True is not supported'),
+    # Through the U-Net's own field checks: 3 heads at level 0's 4 channels.
+    ('heads', "level_heads=(3, 2) is not valid; accepted: head counts that divide each "
+              "attending level's channels; level 0 has 4"),
     ('no_index', 'has no model_index.json'),
 ])
 def test_bad_folders_name_the_culprit(tmp_path, case, message):
@@ -232,6 +235,8 @@ def test_bad_folders_name_the_culprit(tmp_path, case, message):
     _edit_json(os.path.join(path, 'unet', 'config.json'), addition_embed_type='text_time')
   elif case == 'karras':
     _edit_json(os.path.join(path, 'scheduler', sd.SCHEDULER_CONFIG), use_karras_sigmas=True)
+  elif case == 'heads':
+    _edit_json(os.path.join(path, 'unet', 'config.json'), attention_head_dim=[3, 2])
   elif case == 'no_index':
     os.remove(os.path.join(path, sd.MODEL_INDEX))
   with pytest.raises(UserError) as info:
