@@ -400,8 +400,13 @@ def latent_known_mask(known: np.ndarray, factor: int) -> np.ndarray:
 # -------------------------------------------------------------- edit mode ----
 
 
-def validate_edit_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `UserError` naming the first `config.edit` field that cannot work."""
+def validate_edit_config(config: ml_collections.ConfigDict, *,
+                         class_labels: bool = True) -> None:
+  """Raises `UserError` naming the first `config.edit` field that cannot work.
+
+  `class_labels=False` is for models without them (a Stable Diffusion pipeline),
+  whose `config.edit` has no `class_label`.
+  """
   if 'edit' not in config:
     raise UserError('config has no `edit` section; accepted: a config with config.edit '
                     '(see configs/default.py)')
@@ -417,8 +422,9 @@ def validate_edit_config(config: ml_collections.ConfigDict) -> None:
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   check('num_samples', is_int(edit.num_samples) and edit.num_samples > 0,
         'a positive integer')
-  check('class_label', is_int(edit.class_label) and edit.class_label >= -1,
-        '-1 (the null class) or a class index')
+  if class_labels:
+    check('class_label', is_int(edit.class_label) and edit.class_label >= -1,
+          '-1 (the null class) or a class index')
   if edit.task == 'inpaint':
     check('mask', isinstance(edit.mask, str) and bool(edit.mask),
           'a path to a PNG (255 = fill) or .npz (key mask, 1 = fill) for task=inpaint')

@@ -25,9 +25,11 @@ Params = Any
 
 # Attention projections of every AttentionBlock.
 ATTENTION_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out')
+# Self- and cross-attention projections of the spatial transformers (Stable Diffusion).
+TRANSFORMER_ATTENTION_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out_0')
 # Submodule names whose kernels may be adapted: attention projections, ResnetBlock
 # convs and time projection, resampling convs, the U-Net's outer convs and time MLP.
-TARGETS = ATTENTION_TARGETS + ('conv1', 'conv2', 'conv_shortcut', 'time_emb_proj', 'conv',
+TARGETS = ATTENTION_TARGETS + ('to_out_0', 'conv1', 'conv2', 'conv_shortcut', 'time_emb_proj', 'conv',
                                'conv_in', 'conv_out', 'linear_1', 'linear_2')
 
 

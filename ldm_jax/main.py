@@ -22,12 +22,15 @@ flags.DEFINE_enum('mode', 'train', list(modes.MODES),
                   'metrics of the latest checkpoint. edit: inpainting or img2img of '
                   'config.edit.input. encode: cache the train split\'s latents in '
                   'WORKDIR/latents. merge_lora: LoRA adapters merged into their base, '
-                  'as WORKDIR/merged_unet.')
+                  'as WORKDIR/merged_unet. A Stable Diffusion config '
+                  '(configs/stable_diffusion.py) takes train, sample, edit and merge_lora.')
 flags.DEFINE_integer('num_samples', None, 'Samples to write in --mode=sample '
                      '(default: config.sample.num_samples).')
 flags.DEFINE_multi_string('prompt', None, 'Text prompts for --mode=sample with a '
                           'text-conditioned config, one grid row each; may be repeated. '
                           '--mode=edit takes one, the text the edit is conditioned on.')
+flags.DEFINE_multi_string('negative_prompt', None, 'With a Stable Diffusion config: what '
+                          'guidance steers away from, one for all prompts or one per --prompt.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 of a multi-process '
                     'run started by hand (TPU pods and SLURM are detected without flags).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
@@ -95,7 +98,9 @@ def main(argv: list[str]) -> None:
       logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
     modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir,
               modes.Options(num_samples=FLAGS.num_samples,
-                            prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None))
+                            prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None,
+                            negative_prompts=(tuple(FLAGS.negative_prompt)
+                                              if FLAGS.negative_prompt else None)))
   except UserError as e:
     _exit_with_error(f'error: {_one_line(e)}')
   except preemption.Preempted as e:

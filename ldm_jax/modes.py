@@ -2,9 +2,11 @@
 
 `run` is the one way in: it validates the config (and the mode's own section and
 options), takes the workdir's lock (one run per workdir), builds the mesh once, and
-calls the mode, which receives both ready. A mode checks everything else (dataset,
-batch sizes, the config stored with the checkpoints) before its first write. Modes
-restore what they need through `ldm_jax.stages`; the training modes hand the trainer its
+calls the mode, which receives both ready. A Stable Diffusion pipeline config
+(`config.pipeline='stable_diffusion'`) takes the same path with its own checks and
+modes, `ldm_jax.sd_modes`. A mode checks everything else (dataset, batch sizes, the
+config stored with the checkpoints) before its first write. Modes restore what they
+need through `ldm_jax.stages`; the training modes hand the trainer its
 in-training hooks (samples, evaluations), so that `ldm_jax.train` knows only steps
 and the loop.
 """
@@ -21,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import builders, conditioning, editing, evaluation, generate, input_pipeline
 from ldm_jax import images as image_io
-from ldm_jax import latent_cache, preemption, pretrained, sharding, stages, train, workdir_lock
+from ldm_jax import latent_cache, preemption, pretrained, sd_modes, sharding, stages, train
+from ldm_jax import workdir_lock
 from ldm_jax.errors import UserError
 from ldm_jax.validation import validate_config
 
@@ -33,9 +36,12 @@ class Options:
   Attributes:
     num_samples: samples to write in --mode=sample (None: config.sample.num_samples).
     prompts: text prompts for sample and edit with a text-conditioned model.
+    negative_prompts: what classifier-free guidance steers away from (Stable
+      Diffusion configs only): one for all prompts or one per prompt.
   """
   num_samples: int | None = None
   prompts: tuple[str, ...] | None = None
+  negative_prompts: tuple[str, ...] | None = None
 
 
 Mode = Callable[[ml_collections.ConfigDict, str, object, Options], object]
@@ -331,11 +337,21 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   mode; returns its result."""
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; accepted: {", ".join(MODES)}')
-  validate_config(config)
-  if mode in _MODE_CHECKS:
-    _MODE_CHECKS[mode](config, options)
+  if sd_modes.is_stable_diffusion(config):
+    modes, validate, mode_checks = sd_modes.MODES, sd_modes.check_config, sd_modes.MODE_CHECKS
+    if mode not in modes:
+      raise UserError(f'--mode={mode} is not available for a Stable Diffusion config; '
+                      f'accepted: {", ".join(modes)}')
+  else:
+    modes, validate, mode_checks = MODES, validate_config, _MODE_CHECKS
+    if options.negative_prompts:
+      raise UserError('--negative_prompt needs a Stable Diffusion config '
+                      '(configs/stable_diffusion.py)')
+  validate(config)
+  if mode in mode_checks:
+    mode_checks[mode](config, options)
   with workdir_lock.hold(workdir):  # One run per workdir.
     mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
     logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
                  jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
-    return MODES[mode](config, workdir, mesh, options)
+    return modes[mode](config, workdir, mesh, options)

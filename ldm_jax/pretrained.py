@@ -51,9 +51,12 @@ VAE_NORM_EPS = 1e-6
 # diffusers' default `scaling_factor` (the SD VAE's).
 SD_SCALING_FACTOR = 0.18215
 
-# Flax submodules that diffusers keeps in a ModuleList: `resnets_1` <-> `resnets.1`.
+# Flax submodules that diffusers and transformers keep in a ModuleList: `resnets_1`
+# <-> `resnets.1` (spatial transformers: `transformer_blocks_0`, `to_out_0`, `net_2`;
+# CLIP: `layers_3`).
 _LIST_NAMES = frozenset(
-    {'down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers'})
+    {'down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers',
+     'transformer_blocks', 'to_out', 'net', 'layers'})
 # Attention tensor names of diffusers files written before the `Attention` rewrite.
 _OLD_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 _CLASS_EMBEDDING = 'class_embedding.weight'

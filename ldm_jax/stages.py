@@ -10,6 +10,14 @@ A run's directory (`WORKDIR`) holds, and only this module names the paths:
   samples/  eval/  edits/         outputs of --mode=sample, eval, edit
   merged_unet/                    --mode=merge_lora's diffusers UNet2DModel folder
 
+and a Stable Diffusion fine-tuning run (`ldm_jax.sd_modes`) in the same places
+(diffusion/, samples/, edits/) besides
+
+  diffusion/pretrained.json       the pipeline it fine-tunes
+  sd_latents/                     its VAE-posterior and caption-embedding cache
+  lora/  export_lora/             its diffusers LoRA file (after training, merge_lora)
+  export/                         --mode=merge_lora's full diffusers pipeline folder
+
 Stage 1 is `autoencoder`, stage 2 is `diffusion` (see `ldm_jax.train` for their steps).
 """
 import functools
@@ -72,6 +80,27 @@ def edits_dir(workdir: str) -> str:
 
 def merged_dir(workdir: str) -> str:
   return os.path.join(workdir, 'merged_unet')
+
+
+def pretrained_record_path(workdir: str) -> str:
+  """Which Stable Diffusion pipeline the run fine-tunes."""
+  return os.path.join(workdir, 'diffusion', 'pretrained.json')
+
+
+def sd_latents_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'sd_latents')
+
+
+def lora_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'lora')
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'export')
+
+
+def export_lora_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'export_lora')
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -112,3 +112,13 @@ def test_sample_without_checkpoint_is_one_line_and_deletes_nothing(tmp_path, dig
 def test_missing_config_file_is_one_line(tmp_path):
   result = run_main(f'--config={tmp_path}/nope.py', f'--workdir={tmp_path}')
   assert_one_line_error(result, 'nope.py')
+
+
+def test_stable_diffusion_prompts_reach_its_modes(tmp_path):
+  # --prompt and --negative_prompt travel to the SD sample mode, which checks them first.
+  result = run_main(f'--config={ROOT}/configs/stable_diffusion.py', f'--workdir={tmp_path}',
+                    f'--config.pretrained={ROOT}/tests/fixtures/sd_tiny/sd1', '--mode=sample',
+                    '--prompt=a', '--prompt=b', '--negative_prompt=x', '--negative_prompt=y',
+                    '--negative_prompt=z')
+  assert_one_line_error(result, '3 --negative_prompt for 2 --prompt')
+  assert not os.listdir(tmp_path)

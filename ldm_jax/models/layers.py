@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.transformer import SpatialTransformer
+from ldm_jax.models.transformer import TRANSFORMER_NORM_EPS, SpatialTransformer
 
 Dtype = Any
 
@@ -310,10 +310,11 @@ def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None
   if block.transformer_depth:
     if context is None:
       raise ValueError(f'{name}: a spatial transformer needs a context [B, S, D]')
-    # Computed in the parameters' float32 whatever `block.dtype`.
+    # Computed in the parameters' float32 whatever `block.dtype`. Its GroupNorm has
+    # diffusers' Transformer2DModel epsilon, not the ResnetBlocks' `norm_eps`.
     return remat(SpatialTransformer, block.remat)(
         block.attention_heads, block.transformer_depth, block.use_linear_projection,
-        block.norm_num_groups, block.norm_eps, name=name)(x, context, context_mask)
+        block.norm_num_groups, TRANSFORMER_NORM_EPS, name=name)(x, context, context_mask)
   return _attention_block(block, name)(x)
 
 

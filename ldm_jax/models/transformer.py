@@ -25,6 +25,8 @@ import jax.numpy as jnp
 
 # diffusers' defaults: LayerNorm eps of BasicTransformerBlock, FeedForward width.
 LAYER_NORM_EPS = 1e-5
+# diffusers' Transformer2DModel GroupNorm epsilon (whatever the U-Net's `norm_eps`).
+TRANSFORMER_NORM_EPS = 1e-6
 FF_MULT = 4
 
 
@@ -157,7 +159,7 @@ class SpatialTransformer(nn.Module):
   depth: int = 1
   use_linear_projection: bool = False
   norm_num_groups: int = 32
-  norm_eps: float = 1e-6
+  norm_eps: float = TRANSFORMER_NORM_EPS
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array,

@@ -41,6 +41,10 @@ class UNet(nn.Module):
     num_heads: attention heads (must divide the channels where attention is used).
     head_dim: > 0 uses heads of this width instead (`channels // head_dim` heads,
       so wider levels get more heads); 0 uses `num_heads` everywhere.
+    level_heads: if set, the number of heads at each level (down level i and the
+      up level mirroring it), the middle block using the last entry; overrides
+      `num_heads` and `head_dim`. This is diffusers' `UNet2DConditionModel`
+      `attention_head_dim` (a head count there, per block in Stable Diffusion 2).
     dropout: ResnetBlock dropout rate, active only with `train=True`.
     num_classes: 0 for an unconditional model (labels are then ignored); otherwise
       the label embedding has `num_classes + 1` rows, the last (index
@@ -82,6 +86,7 @@ class UNet(nn.Module):
   transformer_depth: int = 1
   use_linear_projection: bool = False
   attention_levels: Sequence[int] | None = None
+  level_heads: Sequence[int] | None = None
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   remat: str = ''
@@ -141,7 +146,13 @@ class UNet(nn.Module):
       temb = temb + nn.Embed(self.num_classes + 1, time_embed_dim, dtype=self.dtype,
                              name='class_embedding')(y)
 
-    def heads(channels: int) -> int:
+    if self.level_heads is not None and len(self.level_heads) != len(self.channel_mult):
+      raise ValueError(f'UNet: level_heads={tuple(self.level_heads)} needs one entry per level '
+                       f'of channel_mult={tuple(self.channel_mult)}')
+
+    def heads(channels: int, level: int = -1) -> int:
+      if self.level_heads is not None:
+        return self.level_heads[level]
       if self.head_dim <= 0:
         return self.num_heads
       if channels % self.head_dim:
@@ -150,8 +161,8 @@ class UNet(nn.Module):
 
     def heads_at(level: int, resolution: int, channels: int) -> int | None:
       if self.attention_levels is not None:
-        return heads(channels) if level in self.attention_levels else None
-      return heads(channels) if resolution in self.attention_resolutions else None
+        return heads(channels, level) if level in self.attention_levels else None
+      return heads(channels, level) if resolution in self.attention_resolutions else None
 
     common = dict(
         norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
@@ -230,8 +241,9 @@ def check_fields(fields: Mapping[str, Any], latent_size: int) -> None:
     raise FieldError('channel_mult', channel_mult,
                      f'at most as many levels as halve the {latent_size}x{latent_size} latents '
                      f'evenly ({len(channel_mult)} levels need a multiple of {factor})')
+  levels = len(channel_mult)
   if fields.get('attention_levels') is None:
-    occurring = tuple(latent_size // 2 ** i for i in range(len(channel_mult)))
+    occurring = tuple(latent_size // 2 ** i for i in range(levels))
     requested = tuple(fields.get('attention_resolutions', ()))
     missing = [r for r in requested if r not in occurring]
     if missing:
@@ -239,3 +251,25 @@ def check_fields(fields: Mapping[str, Any], latent_size: int) -> None:
                        f'feature-map sizes that occur in this U-Net, {occurring} for '
                        f'{latent_size}x{latent_size} latents; '
                        f'{", ".join(map(str, missing))} never occur')
+    attended = [i for i, r in enumerate(occurring) if r in requested]
+  else:
+    attended = tuple(fields['attention_levels'])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < levels
+               for i in attended):
+      raise FieldError('attention_levels', attended,
+                       f'level indices 0..{levels - 1} of channel_mult={channel_mult}')
+  level_heads = fields.get('level_heads')
+  if level_heads is not None:
+    level_heads = tuple(level_heads)
+    if len(level_heads) != levels or not all(positive(h) for h in level_heads):
+      raise FieldError('level_heads', level_heads,
+                       f'one positive head count per level of channel_mult={channel_mult}')
+    # The middle block attends with the last level's heads.
+    if fields.get('mid_attention', True):
+      attended = [*attended, levels - 1]
+    base = fields.get('base_channels', UNet.base_channels)
+    for i in attended:
+      if (base * channel_mult[i]) % level_heads[i]:
+        raise FieldError('level_heads', level_heads,
+                         f'head counts that divide each attending level\'s channels; level '
+                         f'{i} has {base * channel_mult[i]}')
