@@ -200,7 +200,7 @@ def _stage_two_config(conditioning_name):
 
 @pytest.mark.parametrize('name', ['class', 'text'])
 def test_class_and_text_conditioning_reach_the_dit_through_the_builders(name):
-  from ldm_jax import builders, conditioning
+  from ldm_jax import builders
   from ldm_jax.models.conditioners import ConditionedDenoiser
   from ldm_jax.validation import validate_config
 
