@@ -2,7 +2,6 @@
 
 Rerunning the same command resumes from the latest checkpoints.
 """
-import logging as logging_std
 import os
 import re
 import sys
@@ -11,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import checkpointing, modes, preemption, sharding
+from ldm_jax import checkpointing, logs, modes, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -74,22 +73,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
-def _quiet_libraries(record: logging_std.LogRecord) -> bool:
-  # Our INFO lines tell the story; the libraries' INFO chatter (orbax, TFDS) drowns it.
-  # All of orbax's: `checkpointing` reports an unusable checkpoint in one warning line
-  # and a failed write in one error line; orbax's own lines (tracebacks included)
-  # would repeat them many times over.
-  if f'{os.sep}orbax{os.sep}' in record.pathname:
-    return False
-  return (record.levelno > logging_std.INFO or
-          f'{os.sep}tensorflow_datasets{os.sep}' not in record.pathname)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_quiet_libraries)
+  logging.get_absl_handler().addFilter(logs.quiet_libraries)
   try:
     # Before any other use of JAX: the device list then spans all processes.
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

@@ -20,9 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from ldm_jax import checkpointing, config_check, modes, sharding, stages, workdir_lock
+from ldm_jax import checkpointing, config_check, logs, modes, sharding, stages, workdir_lock
 from ldm_jax import images as image_io
-from ldm_jax import main as ldm_main
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import create_train_state
 
@@ -110,7 +109,7 @@ def test_unusable_newest_checkpoint_falls_back_with_one_warning(checkpoints, fau
                jax.device_get(_state(2).params))
   # What a user of `ldm_jax.main` sees: its log filter applied.
   warnings = [r.getMessage() for r in caplog.records
-              if r.levelno >= logging.WARNING and ldm_main._quiet_libraries(r)]
+              if r.levelno >= logging.WARNING and logs.quiet_libraries(r)]
   assert len(warnings) == 1 and 'checkpoints/3 is unusable' in warnings[0], warnings
   assert sorted(os.listdir(checkpoints)) == ['1', '2', '3.corrupt']
   assert manager.all_steps() == [1, 2]
