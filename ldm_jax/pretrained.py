@@ -118,15 +118,19 @@ def read_config(path: str) -> dict[str, Any]:
   return config
 
 
-def read_weights(path: str) -> dict[str, np.ndarray]:
-  """All tensors of the folder's safetensors file (old attention names renamed)."""
-  file = os.path.join(path, WEIGHTS_FILE)
+def read_safetensors(file: str, missing: str) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors `file`; `missing` is the one-line error when it does not exist."""
   if not os.path.isfile(file):
-    raise UserError(f'{path!r} has no {WEIGHTS_FILE}')
+    raise UserError(missing)
   try:
-    tensors = safetensors.numpy.load_file(file)
+    return safetensors.numpy.load_file(file)
   except Exception as e:  # safetensors raises its own error types for a bad file.
     raise UserError(f'cannot read {file}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+  """All tensors of the folder's safetensors file (old attention names renamed)."""
+  tensors = read_safetensors(os.path.join(path, WEIGHTS_FILE), f'{path!r} has no {WEIGHTS_FILE}')
   renamed = {}
   for name, value in tensors.items():
     match = re.fullmatch(r'(.*\.)(query|key|value|proj_attn)\.(weight|bias)', name)
@@ -261,29 +265,26 @@ def autoencoder_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE
   if config.get('_class_name') == 'VQModel':
     return vq_from_config(config, source)
   c = _with_defaults(config, _VAE_DEFAULTS, _VAE_FIXED, 'AutoencoderKL', source)
+  return _first_stage_from_config(AutoencoderKL, c, source), c['in_channels']
+
+
+def _first_stage_from_config(cls, c: Mapping[str, Any], source: str, **extra):
+  """`cls` (AutoencoderKL or VQModel) from a diffusers config `c` with its defaults filled."""
   levels = len(c['block_out_channels'])
   _one_type(source, 'down_block_types', list(c['down_block_types']), 'DownEncoderBlock2D', levels)
   _one_type(source, 'up_block_types', list(c['up_block_types']), 'UpDecoderBlock2D', levels)
-  module = AutoencoderKL(
+  return cls(
       out_channels=c['out_channels'], block_out_channels=tuple(c['block_out_channels']),
       layers_per_block=c['layers_per_block'], latent_channels=c['latent_channels'],
       norm_num_groups=c['norm_num_groups'], norm_eps=VAE_NORM_EPS,
-      mid_block_attention=bool(c['mid_block_add_attention']))
-  return module, c['in_channels']
+      mid_block_attention=bool(c['mid_block_add_attention']), **extra)
 
 
 def vq_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[VQModel, int]:
   """Our `VQModel` with the structure of a diffusers `VQModel` config, and its input channels."""
   c = _with_defaults(config, _VQ_DEFAULTS, _VQ_FIXED, 'VQModel', source)
-  levels = len(c['block_out_channels'])
-  _one_type(source, 'down_block_types', list(c['down_block_types']), 'DownEncoderBlock2D', levels)
-  _one_type(source, 'up_block_types', list(c['up_block_types']), 'UpDecoderBlock2D', levels)
-  module = VQModel(
-      out_channels=c['out_channels'], block_out_channels=tuple(c['block_out_channels']),
-      layers_per_block=c['layers_per_block'], latent_channels=c['latent_channels'],
-      num_vq_embeddings=c['num_vq_embeddings'], vq_embed_dim=c['vq_embed_dim'] or 0,
-      norm_num_groups=c['norm_num_groups'], norm_eps=VAE_NORM_EPS,
-      mid_block_attention=bool(c['mid_block_add_attention']))
+  module = _first_stage_from_config(VQModel, c, source, num_vq_embeddings=c['num_vq_embeddings'],
+                                    vq_embed_dim=c['vq_embed_dim'] or 0)
   return module, c['in_channels']
 
 
@@ -294,20 +295,10 @@ def vq_config(module: VQModel, params: Params, *, scaling_factor: float = SD_SCA
     raise UserError(f'diffusers VQModel has GroupNorm eps {VAE_NORM_EPS} and the legacy '
                     f'codebook loss; this model has norm_eps={module.norm_eps}, '
                     f'legacy_beta={module.legacy_beta}')
-  levels = len(module.block_out_channels)
-  config = dict(
-      _class_name='VQModel', act_fn='silu',
-      in_channels=int(params['encoder']['conv_in']['kernel'].shape[2]),
-      out_channels=module.out_channels, block_out_channels=list(module.block_out_channels),
-      down_block_types=['DownEncoderBlock2D'] * levels,
-      up_block_types=['UpDecoderBlock2D'] * levels, layers_per_block=module.layers_per_block,
-      latent_channels=module.latent_channels, num_vq_embeddings=module.num_vq_embeddings,
-      vq_embed_dim=module.embed_dim, norm_num_groups=module.norm_num_groups,
-      norm_type='group', mid_block_add_attention=module.mid_block_attention,
-      scaling_factor=float(scaling_factor))
-  if sample_size:
-    config['sample_size'] = sample_size
-  return config
+  return _first_stage_config(
+      'VQModel', module, params, scaling_factor, sample_size,
+      num_vq_embeddings=module.num_vq_embeddings, vq_embed_dim=module.embed_dim,
+      norm_type='group')
 
 
 def autoencoder_config(module: AutoencoderKL, params: Params, *,
@@ -317,19 +308,47 @@ def autoencoder_config(module: AutoencoderKL, params: Params, *,
   if module.norm_eps != VAE_NORM_EPS:
     raise UserError(f'diffusers AutoencoderKL has GroupNorm eps {VAE_NORM_EPS}; this model '
                     f'has norm_eps={module.norm_eps}')
+  return _first_stage_config('AutoencoderKL', module, params, scaling_factor, sample_size,
+                             use_quant_conv=True, use_post_quant_conv=True)
+
+
+def _first_stage_config(class_name: str, module, params: Params, scaling_factor: float,
+                        sample_size: int | None, **extra) -> dict[str, Any]:
+  """The config.json fields diffusers' `AutoencoderKL` and `VQModel` share, plus `extra`."""
   levels = len(module.block_out_channels)
   config = dict(
-      _class_name='AutoencoderKL', act_fn='silu',
+      _class_name=class_name, act_fn='silu',
       in_channels=int(params['encoder']['conv_in']['kernel'].shape[2]),
       out_channels=module.out_channels, block_out_channels=list(module.block_out_channels),
       down_block_types=['DownEncoderBlock2D'] * levels,
       up_block_types=['UpDecoderBlock2D'] * levels, layers_per_block=module.layers_per_block,
       latent_channels=module.latent_channels, norm_num_groups=module.norm_num_groups,
       mid_block_add_attention=module.mid_block_attention, scaling_factor=float(scaling_factor),
-      use_quant_conv=True, use_post_quant_conv=True)
+      **extra)
   if sample_size:
     config['sample_size'] = sample_size
   return config
+
+
+def attention_block_levels(down_block_types, up_block_types, levels: int, prefix: str,
+                           source: str) -> tuple[int, ...]:
+  """The levels whose blocks attend, from diffusers' block type lists.
+
+  Down blocks are `DownBlock2D` or `{prefix}DownBlock2D` (`Attn` for `UNet2DModel`,
+  `CrossAttn` for `UNet2DConditionModel`); the up blocks must mirror them.
+  """
+  down, up = list(down_block_types), list(up_block_types)
+  attn_down, attn_up = f'{prefix}DownBlock2D', f'{prefix}UpBlock2D'
+  if len(down) != levels or any(t not in ('DownBlock2D', attn_down) for t in down):
+    raise UserError(f'{source}: down_block_types={down} is not supported; accepted: {levels} '
+                    f'x DownBlock2D or {attn_down}')
+  attention_levels = tuple(i for i, t in enumerate(down) if t == attn_down)
+  mirrored = [(attn_up if i in attention_levels else 'UpBlock2D')
+              for i in reversed(range(levels))]
+  if up != mirrored:
+    raise UserError(f'{source}: up_block_types={up} is not supported; accepted: {mirrored} '
+                    f'(the mirror of down_block_types)')
+  return attention_levels
 
 
 def unet_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[UNet, int]:
@@ -340,16 +359,8 @@ def unet_from_config(config: Mapping[str, Any], source: str = CONFIG_FILE) -> tu
   if any(ch % base for ch in block_out):
     raise UserError(f'{source}: block_out_channels={block_out} is not supported; accepted: '
                     f'multiples of the first entry {base}')
-  down, up = list(c['down_block_types']), list(c['up_block_types'])
-  if len(down) != levels or any(t not in ('DownBlock2D', 'AttnDownBlock2D') for t in down):
-    raise UserError(f'{source}: down_block_types={down} is not supported; accepted: {levels} '
-                    f'x DownBlock2D or AttnDownBlock2D')
-  attention_levels = tuple(i for i, t in enumerate(down) if t == 'AttnDownBlock2D')
-  mirrored = [('AttnUpBlock2D' if i in attention_levels else 'UpBlock2D')
-              for i in reversed(range(levels))]
-  if up != mirrored:
-    raise UserError(f'{source}: up_block_types={up} is not supported; accepted: {mirrored} '
-                    f'(the mirror of down_block_types)')
+  attention_levels = attention_block_levels(c['down_block_types'], c['up_block_types'],
+                                            levels, 'Attn', source)
   if c['attn_norm_num_groups'] not in (None, c['norm_num_groups']):
     raise UserError(f'{source}: attn_norm_num_groups={c["attn_norm_num_groups"]} is not '
                     f'supported; accepted: null or norm_num_groups={c["norm_num_groups"]}')

@@ -140,17 +140,10 @@ def unet_from_config(config: Mapping[str, Any], source: str = pretrained.CONFIG_
   if any(ch % base for ch in block_out):
     raise UserError(f'{source}: block_out_channels={block_out} is not supported; accepted: '
                     f'multiples of the first entry {base}')
-  down = list(config.get('down_block_types', ['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D']))
-  up = list(config.get('up_block_types', ['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3))
-  if len(down) != levels or any(t not in ('DownBlock2D', 'CrossAttnDownBlock2D') for t in down):
-    raise UserError(f'{source}: down_block_types={down} is not supported; accepted: {levels} '
-                    f'x DownBlock2D or CrossAttnDownBlock2D')
-  attention_levels = tuple(i for i, t in enumerate(down) if t == 'CrossAttnDownBlock2D')
-  mirrored = [('CrossAttnUpBlock2D' if i in attention_levels else 'UpBlock2D')
-              for i in reversed(range(levels))]
-  if up != mirrored:
-    raise UserError(f'{source}: up_block_types={up} is not supported; accepted: {mirrored} '
-                    f'(the mirror of down_block_types)')
+  attention_levels = pretrained.attention_block_levels(
+      config.get('down_block_types', ['CrossAttnDownBlock2D'] * 3 + ['DownBlock2D']),
+      config.get('up_block_types', ['UpBlock2D'] + ['CrossAttnUpBlock2D'] * 3),
+      levels, 'CrossAttn', source)
   layers = set(_per_block(c['layers_per_block'], levels, 'layers_per_block', source))
   depths = set(_per_block(c['transformer_layers_per_block'], levels,
                           'transformer_layers_per_block', source))
@@ -204,12 +197,8 @@ def text_encoder_from_config(config: Mapping[str, Any], source: str = pretrained
 
 def _text_encoder_tensors(file: str) -> dict[str, np.ndarray]:
   """text_encoder/model.safetensors under `text_model.` names (newer files omit the prefix)."""
-  if not os.path.isfile(file):
-    raise UserError(f'{os.path.dirname(file)!r} has no {os.path.basename(file)}')
-  try:
-    tensors = safetensors.numpy.load_file(file)
-  except Exception as e:  # safetensors raises its own error types for a bad file.
-    raise UserError(f'cannot read {file}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+  tensors = pretrained.read_safetensors(
+      file, f'{os.path.dirname(file)!r} has no {os.path.basename(file)}')
   return {(k if k.startswith('text_model.') else f'text_model.{k}'): v
           for k, v in tensors.items() if not k.endswith('position_ids')}
 
@@ -577,12 +566,8 @@ def load_lora(file: str, unet_params: Params) -> Params:
   Returns:
     The adapter tree (`lora.merge(unet_params, adapters, 1.0)` applies it).
   """
-  if not os.path.isfile(file):
-    raise UserError(f'{file!r} does not exist; accepted: a diffusers LoRA file ({LORA_FILE})')
-  try:
-    tensors = safetensors.numpy.load_file(file)
-  except Exception as e:  # safetensors raises its own error types for a bad file.
-    raise UserError(f'cannot read {file}: {str(e).splitlines()[0] if str(e) else e!r}') from e
+  tensors = pretrained.read_safetensors(
+      file, f'{file!r} does not exist; accepted: a diffusers LoRA file ({LORA_FILE})')
   by_name = {pretrained.tensor_name(p)[:-len('.weight')]: p[:-1]
              for p in traverse_util.flatten_dict(unet_params) if p[-1] == 'kernel'}
   kernels = traverse_util.flatten_dict(unet_params)
