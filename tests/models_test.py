@@ -481,14 +481,14 @@ def test_unet_rejects_indivisible_input():
 
 
 def test_registry_builds_models():
-  assert set(MODELS) == {'autoencoder_kl', 'identity', 'unet', 'vq'}
+  assert set(MODELS) == {'autoencoder_kl', 'dit', 'identity', 'unet', 'vq'}
   assert set(AUTOENCODERS) == {'autoencoder_kl', 'identity', 'vq'}  # Stage-1 models only.
   assert isinstance(get_model('unet', **UNET_KWARGS), UNet)
   assert get_model('autoencoder_kl', **AE_KWARGS) == AutoencoderKL(**AE_KWARGS)
 
 
 def test_registry_unknown_name():
-  with pytest.raises(ValueError, match=r"unknown model 'vqgan'; accepted: \['autoencoder_kl', 'identity', 'unet', 'vq'\]"):
+  with pytest.raises(ValueError, match=r"unknown model 'vqgan'; accepted: \['autoencoder_kl', 'dit', 'identity', 'unet', 'vq'\]"):
     get_model('vqgan')
 
 
