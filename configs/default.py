@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
           use_linear_projection=False,  # Spatial transformer proj_in/out: Dense (SD 2), not 1x1 conv.
           remat='',                     # '' | full | dots_saveable: recompute activations
                                         # of each block in the backward pass (less memory).
+          attention_impl='auto',        # auto | xla | cudnn: how self-attention is computed
+                                        # (auto: cuDNN fused attention on NVIDIA GPUs in bf16/fp16).
       ),
       # A diffusers UNet2DModel folder that stage 2 starts from; the U-Net is built from
       # its config.json (`model` above is then unused).

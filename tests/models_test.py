@@ -12,6 +12,7 @@ from ldm_jax.models import AUTOENCODERS, MODELS, AutoencoderKL, UNet, count_para
 from ldm_jax.models.autoencoder import LOGVAR_MAX, LOGVAR_MIN, sample_latents
 from ldm_jax.models.layers import (
     AttentionBlock,
+    dot_product_attention,
     Downsample,
     ResnetBlock,
     Upsample,
@@ -126,6 +127,47 @@ def test_attention_matches_explicit_softmax():
   # head_dim=4 on 8 channels is the same layer as num_heads=2.
   by_dim = AttentionBlock(norm_num_groups=groups, norm_eps=1e-5, head_dim=c // heads)
   np.testing.assert_allclose(jax.jit(by_dim.apply)({'params': params}, x), out, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_implementations_compute_the_softmax_attention():
+  b, t, s, heads, d = 2, 16, 12, 4, 32
+  q, k, v = (_normal(i, shape) for i, shape in enumerate(
+      [(b, t, heads, d), (b, s, heads, d), (b, s, heads, d)]))
+  logits = np.einsum('bqnd,bknd->bnqk', np.float64(q), np.float64(k)) / np.sqrt(d)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum('bnqk,bknd->bqnd', probs / probs.sum(-1, keepdims=True), np.float64(v))
+  attend = {impl: jax.jit(functools.partial(dot_product_attention, impl=impl))
+            for impl in ('auto', 'xla')}
+  xla = attend['xla'](q, k, v)
+  np.testing.assert_allclose(xla, expected, rtol=1e-5, atol=1e-5)
+  # Without a GPU 'auto' is the XLA program itself, in float32 and bfloat16 alike.
+  assert jax.default_backend() == 'cpu'
+  np.testing.assert_array_equal(attend['auto'](q, k, v), xla)
+  q16, k16, v16 = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  np.testing.assert_array_equal(attend['auto'](q16, k16, v16), attend['xla'](q16, k16, v16))
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    dot_product_attention(q16, k16, v16, 'cudnn')
+  with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+    dot_product_attention(q, k, v, 'flash')
+
+
+def test_unet_attention_impl_is_a_checked_field():
+  from ldm_jax.models import unet as unet_module
+  from ldm_jax.models.denoiser import FieldError
+
+  fields = dict(channel_mult=(1, 2), attention_resolutions=(4,))
+  unet_module.check_fields({**fields, 'attention_impl': 'xla'}, 8)
+  with pytest.raises(FieldError, match="attention_impl='flash' is not valid; accepted: 'auto'"):
+    unet_module.check_fields({**fields, 'attention_impl': 'flash'}, 8)
+  x, t = _normal(0, (1, 8, 8, 4)), jnp.array([3.0])
+  module = functools.partial(UNet, out_channels=4, base_channels=16, channel_mult=(1, 2),
+                             attention_resolutions=(4,), norm_num_groups=8)
+  params = module().init(jax.random.PRNGKey(0), x, t)['params']
+  params = jax.tree.map(lambda p: p + 0.01, params)  # conv_out is zero at init.
+  out = {impl: module(attention_impl=impl).apply({'params': params}, x, t)
+         for impl in ('auto', 'xla')}
+  np.testing.assert_array_equal(out['auto'], out['xla'])
+  assert float(jnp.abs(out['xla']).max()) > 0
 
 
 def test_attention_is_permutation_equivariant_over_tokens():

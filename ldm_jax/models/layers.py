@@ -26,6 +26,73 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
 }
 
+# How self-attention is computed (`attention_impl` model field); every choice computes
+# softmax(q k^T / sqrt(D)) v with a float32 softmax:
+#   'xla': XLA's einsum + softmax path, on every backend;
+#   'cudnn': cuDNN's fused flash attention (NVIDIA GPU, float16/bfloat16 only; an
+#     unsupported device, dtype or shape is an error);
+#   'auto': 'cudnn' where it is supported, otherwise 'xla'; never fails.
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+# cuDNN's fused attention kernels: half-precision inputs, head widths up to 128 in
+# steps of 8, on Ampere (compute capability 8.0) or newer.
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+_CUDNN_MAX_HEAD_DIM = 128
+_CUDNN_MIN_COMPUTE_CAPABILITY = 8.0
+
+
+def cudnn_attention_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+  """Whether cuDNN fused attention can take q, k, v [B, T, N, D] on the default device."""
+  if jax.default_backend() != 'gpu':
+    return False
+  device = jax.devices()[0]
+  if 'cuda' not in getattr(device.client, 'platform_version', '').lower():
+    return False  # ROCm GPUs have no cuDNN.
+  try:
+    capability = float(getattr(device, 'compute_capability', '0'))
+  except ValueError:
+    return False
+  head_dim = q.shape[-1]
+  return (capability >= _CUDNN_MIN_COMPUTE_CAPABILITY
+          and q.dtype == k.dtype == v.dtype and any(q.dtype == d for d in _CUDNN_DTYPES)
+          and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0
+          and k.shape[-1] == head_dim == v.shape[-1])
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          impl: str = 'auto') -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v per head, computed as `impl` (see `ATTENTION_IMPLS`).
+
+  Args:
+    q: [B, T, N, D] queries.
+    k: [B, S, N, D] keys.
+    v: [B, S, N, D] values.
+    impl: 'auto', 'xla' or 'cudnn'.
+
+  Returns:
+    [B, T, N, D].
+
+  Raises:
+    ValueError: an unknown `impl`, or 'cudnn' where cuDNN cannot run these inputs.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'unknown attention_impl {impl!r}; accepted: '
+                     f'{", ".join(map(repr, ATTENTION_IMPLS))}')
+  if impl == 'xla' or (impl == 'auto' and not cudnn_attention_supported(q, k, v)):
+    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  if impl == 'cudnn':
+    if not cudnn_attention_supported(q, k, v):
+      raise ValueError(
+          f"attention_impl='cudnn' needs an NVIDIA GPU of compute capability >= "
+          f'{_CUDNN_MIN_COMPUTE_CAPABILITY}, float16 or bfloat16 inputs and a head width '
+          f'that is a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}; got backend '
+          f'{jax.default_backend()!r}, dtype {q.dtype}, head width {q.shape[-1]}; '
+          f"accepted: 'auto' (falls back to XLA) or 'xla'")
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  try:  # 'auto' on a supported device: a check inside JAX may still refuse the shapes.
+    return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+  except (ValueError, NotImplementedError, RuntimeError):
+    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
                        flip_sin_to_cos: bool = True,
@@ -173,6 +240,7 @@ class AttentionBlock(nn.Module):
     num_heads: number of attention heads.
     head_dim: channels per head.
     dtype: compute dtype of the projections; the softmax runs in float32.
+    attention_impl: how the attention itself is computed, one of `ATTENTION_IMPLS`.
   """
 
   norm_num_groups: int
@@ -180,6 +248,7 @@ class AttentionBlock(nn.Module):
   num_heads: int | None = None
   head_dim: int | None = None
   dtype: Dtype = jnp.float32
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,8 +283,8 @@ class AttentionBlock(nn.Module):
     q = dense('to_q')(h).reshape(b, height * width, num_heads, head_dim)  # [B, T, N, D]
     k = dense('to_k')(h).reshape(b, height * width, num_heads, head_dim)
     v = dense('to_v')(h).reshape(b, height * width, num_heads, head_dim)
-    # Scale 1/sqrt(D); the XLA implementation computes the softmax in float32.
-    out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, D]
+    # Scale 1/sqrt(D); the softmax runs in float32 in both implementations.
+    out = dot_product_attention(q, k, v, self.attention_impl)  # [B, T, N, D]
     out = dense('to_out')(out.reshape(b, height * width, c))  # [B, T, C]
     return x + out.reshape(b, height, width, c)
 
@@ -296,7 +365,7 @@ def _attention_block(block: nn.Module, name: str) -> nn.Module:
   """An AttentionBlock with `block`'s norm, heads, dtype and remat settings."""
   return remat(AttentionBlock, block.remat)(
       block.norm_num_groups, block.norm_eps, num_heads=block.attention_heads,
-      dtype=block.dtype, name=name)
+      dtype=block.dtype, attention_impl=block.attention_impl, name=name)
 
 
 def _attend(block: nn.Module, x: jax.Array, name: str, context: jax.Array | None,
@@ -333,6 +402,7 @@ class DownBlock(nn.Module):
     dtype: compute dtype of every layer.
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
+    attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -348,6 +418,7 @@ class DownBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: str = ''
+  attention_impl: str = 'auto'
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -393,6 +464,7 @@ class MidBlock(nn.Module):
     dtype: compute dtype of every layer.
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
+    attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -404,6 +476,7 @@ class MidBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: str = ''
+  attention_impl: str = 'auto'
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -433,6 +506,7 @@ class UpBlock(nn.Module):
     dtype: compute dtype of every layer.
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
+    attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -447,6 +521,7 @@ class UpBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: str = ''
+  attention_impl: str = 'auto'
   transformer_depth: int = 0
   use_linear_projection: bool = False
 

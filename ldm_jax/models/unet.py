@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.denoiser import FieldError
 from ldm_jax.models.layers import (
+    ATTENTION_IMPLS,
     REMAT_POLICIES,
     Dtype,
     DownBlock,
@@ -64,6 +65,10 @@ class UNet(nn.Module):
     remat: rematerialisation of each ResnetBlock / AttentionBlock in the backward
       pass, a key of `layers.REMAT_POLICIES`: '' (none), 'full', 'dots_saveable'.
       Trades compute for activation memory; the result is unchanged.
+    attention_impl: how the self-attention blocks attend (`layers.ATTENTION_IMPLS`):
+      'auto' (cuDNN fused attention on NVIDIA GPUs for float16/bfloat16, else XLA),
+      'xla' or 'cudnn'. The same function either way; spatial transformers
+      (`context_dim > 0`) always use XLA.
     dtype: compute dtype (float32 or bfloat16). Parameters stay float32, GroupNorm
       statistics and the attention softmax are float32, and the prediction is
       returned as float32 so that losses and samplers run in float32.
@@ -90,6 +95,7 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   remat: str = ''
+  attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @property
@@ -168,7 +174,7 @@ class UNet(nn.Module):
         norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dropout=self.dropout,
         transformer_depth=self.transformer_depth if self.context_dim > 0 else 0,
         use_linear_projection=self.use_linear_projection,
-        dtype=self.dtype, remat=self.remat,
+        dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
     )
     cross = dict(context=context, context_mask=context_mask)
     num_levels = len(self.channel_mult)
@@ -236,6 +242,9 @@ def check_fields(fields: Mapping[str, Any], latent_size: int) -> None:
   remat = fields.get('remat', '')
   if remat not in REMAT_POLICIES:
     raise FieldError('remat', remat, ', '.join(map(repr, REMAT_POLICIES)))
+  attention_impl = fields.get('attention_impl', 'auto')
+  if attention_impl not in ATTENTION_IMPLS:
+    raise FieldError('attention_impl', attention_impl, ', '.join(map(repr, ATTENTION_IMPLS)))
   factor = 2 ** (len(channel_mult) - 1)
   if latent_size % factor:
     raise FieldError('channel_mult', channel_mult,
