@@ -22,7 +22,11 @@ Throughput does not depend on the parameter values, so freshly initialized model
 are used and no checkpoint is needed.
 """
 import functools
+import os
+import re
 import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -31,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ldm_jax import builders, conditioning, first_stage, generate, models, optim, perceptual
-from ldm_jax import sampling, sharding, stages, train
+from ldm_jax import rss, sampling, sharding, stages, train
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -44,8 +48,16 @@ flags.DEFINE_integer('num_classes', 10, 'Label count when the config is class-co
 flags.DEFINE_integer('sample_batch_size', 16, 'train benchmark: images per DDIM call.')
 flags.DEFINE_integer('ddim_steps', 50, 'train benchmark: DDIM steps timed.')
 flags.DEFINE_integer('matmul_size', 2048, 'train benchmark: side of the float32 matmul.')
-flags.DEFINE_float('peak_tflops', 0.0, 'train benchmark: the device\'s peak TFLOP/s; > 0 '
-                   'also prints the model FLOPs utilization (MFU).')
+flags.DEFINE_float('peak_tflops', 0.0, 'train benchmark: the device\'s peak TFLOP/s for the '
+                   'model FLOPs utilization (MFU); 0 looks the device up in PEAK_BF16_TFLOPS.')
+flags.DEFINE_list('parts', ['train', 'sample'], 'train benchmark: what to time, of train, sample.')
+flags.DEFINE_integer('num_devices', 0, 'train benchmark: run on the first N devices (0: all).')
+flags.DEFINE_bool('fsdp', False, 'train benchmark: shard the state over the devices (FSDP mesh) '
+                  'instead of replicating it (data-parallel mesh).')
+flags.DEFINE_list('devices', [], 'train benchmark: time the train step on each of these device '
+                  'counts (e.g. 1,2,4,8), data-parallel and FSDP, one process each (on the CPU '
+                  'with that many host devices), with the per-device batch of the config, and '
+                  'print the scaling efficiency.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -186,9 +198,58 @@ def peak_memory() -> tuple[float, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'process max RSS'
 
 
+class MemoryWindow:
+  """Peak memory of a stretch of the run, in MiB, above what was in use at its start.
+
+  On devices with allocator statistics (GPU, TPU): the first device's
+  `peak_bytes_in_use` at the end minus its `bytes_in_use` at the start. On the CPU:
+  the process's peak RSS above its RSS at the start (`rss.PeakWindow`), the method
+  the PyTorch side of `benchmarks/side_by_side.py` uses.
+  """
+
+  def __init__(self):
+    self._device = jax.local_devices()[0]
+    stats = self._device.memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      self._start = stats['bytes_in_use']
+      self._rss = None
+      self.method = 'device peak_bytes_in_use above the start'
+    else:
+      self._rss = rss.PeakWindow()
+      self.method = self._rss.method
+
+  def peak_mib(self) -> float:
+    if self._rss is not None:
+      return self._rss.peak_mib()
+    stats = self._device.memory_stats() or {}
+    return max(stats.get('peak_bytes_in_use', 0) - self._start, 0) / 2**20
+
+
+# Dense bfloat16 peak TFLOP/s of one chip by `device_kind` (lower case): the first
+# entry whose key is part of the kind applies, so specific names come first.
+PEAK_BF16_TFLOPS = (
+    ('h100 pcie', 756.0),
+    ('h100', 989.0),   # SXM.
+    ('h200', 989.0),
+    ('a100', 312.0),
+    ('tpu v4', 275.0),
+    ('tpu v5 lite', 197.0),  # v5e.
+    ('tpu v5e', 197.0),
+    ('tpu v5p', 459.0),
+    ('tpu v5', 459.0),
+)
+
+
+def peak_bf16_tflops(device_kind: str) -> float | None:
+  """The dense bfloat16 peak of a device kind (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+  kind = device_kind.lower()
+  return next((peak for key, peak in PEAK_BF16_TFLOPS if key in kind), None)
+
+
 def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                 ddim_steps: int = 50, repeats: int = 3, matmul_size: int = 2048,
-                peak_tflops: float = 0.0) -> dict:
+                peak_tflops: float = 0.0, parts: tuple[str, ...] = ('train', 'sample'),
+                devices: list[jax.Device] | None = None, fsdp: bool = False) -> dict:
   """Times the diffusion train step and DDIM sampling; prints a report and a RESULT line.
 
   Args:
@@ -199,103 +260,257 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
     ddim_steps: DDIM steps per sampling call.
     repeats: timed calls after compilation and one warm-up call.
     matmul_size: side of the reference float32 matmul.
-    peak_tflops: > 0 adds the model FLOPs utilization against this peak.
+    peak_tflops: the device's peak for the model FLOPs utilization (MFU); 0 looks the
+      device kind up in `PEAK_BF16_TFLOPS` (the MFU is left out for unknown kinds).
+    parts: what to time, of 'train' and 'sample'.
+    devices: the devices of the mesh (default: all).
+    fsdp: the state sharded over the devices (a (1, n) `data`, `fsdp` mesh) instead
+      of replicated on each (a data-parallel (n, 1) mesh); the batch is split over
+      the devices either way.
 
   Returns:
-    The RESULT fields and the other printed numbers.
+    The RESULT fields and the other printed numbers. The RESULT line has
+    `train_img_per_s` and `train_gflops` only when 'train' is timed and
+    `sample_s_per_img` only when 'sample' is.
   """
+  unknown = sorted(set(parts) - {'train', 'sample'})
+  if unknown or not parts:
+    raise ValueError(f'unknown parts {unknown}; accepted: train, sample')
   matmul = matmul_gflops(matmul_size, repeats)
   print(f'matmul {matmul_size}x{matmul_size} float32: {matmul:.1f} GFLOP/s', flush=True)
 
+  mesh = sharding.make_mesh(devices, (1, -1) if fsdp else (-1, 1))
+  device_kind = mesh.devices.flat[0].device_kind
+  if peak_tflops <= 0:
+    peak_tflops = peak_bf16_tflops(device_kind) or 0.0
+    if not peak_tflops:
+      print(f'MFU: left out, no peak rate known for {device_kind!r} (--peak_tflops=N sets one)')
+
   def report(name, what, compile_s, seconds, images, flops_per_image):
     gflops = flops_per_image * images / seconds / 1e9
-    mfu = f', MFU {gflops / (peak_tflops * 1e3):.1%}' if peak_tflops > 0 else ''
+    # Per device: the model FLOPs are those of the whole batch.
+    mfu = (f', MFU {gflops / (peak_tflops * 1e3 * mesh.size):.1%}' if peak_tflops > 0
+           else '')
     print(f'{name:>6s} ({what}): compile {compile_s:.1f} s, {seconds:.3f} s/call, '
           f'{images / seconds:.2f} images/s, {flops_per_image / 1e9:.2f} GFLOP/image, '
           f'{gflops:.1f} GFLOP/s = {gflops / matmul:.0%} of matmul{mfu}', flush=True)
     return gflops
 
-  mesh = sharding.make_mesh()
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   denoiser = _denoiser(config, num_classes)
   num_classes = denoiser.num_classes
   schedule = builders.make_schedule(config)
   latent_shape = builders.latent_shape(config)
   tx, lr_schedule = optim.make_optimizer(config.diffusion.optim, config.diffusion.num_train_steps)
-  state = jax.jit(functools.partial(stages.init_diffusion_state, config, denoiser, tx),
-                  out_shardings=replicated)(1.0)
-  num_params = models.count_params(state.params)
-  batch_size = config.data.batch_size
+  init_fn = functools.partial(stages.init_diffusion_state, config, denoiser, tx)
+  abstract_state = jax.eval_shape(init_fn, 1.0)
+  state_sharding = sharding.state_sharding(abstract_state, mesh)
+  init, _ = _compile(jax.jit(init_fn, out_shardings=state_sharding), 1.0)
+  num_params = models.count_params(abstract_state.params)
+  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}; mesh '
+        f'{dict(mesh.shape)} ({"FSDP" if fsdp else "data-parallel"})')
   rng_mean, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
-  mean = jax.random.normal(rng_mean, (batch_size, *latent_shape))
-  batch = jax.device_put({'latent_mean': mean, 'latent_logvar': jnp.full_like(mean, LOGVAR_MIN),
-                          'label': jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1),
-                          **conditioning.example_batch(config, batch_size)}, data)
-  train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
-                                 lr_schedule=lr_schedule)
-  train_flops = train_flops_per_image(config, num_classes)
-  step = jax.jit(train_step, in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-  step, train_compile_s = _compile(step, state, batch, schedule)
+  result, extra = {}, {}
 
-  def train_call():
-    nonlocal state
-    state, metrics = step(state, batch, schedule)
-    return metrics
-  train_s = _seconds_per_call(train_call, repeats)
-  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}')
-  train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
-                        train_flops)
+  state = None
+  if 'train' in parts:
+    batch_size = config.data.batch_size
+    sharding.check_batch_size(batch_size, mesh)
+    mean = jax.random.normal(rng_mean, (batch_size, *latent_shape))
+    batch = jax.device_put({'latent_mean': mean,
+                            'latent_logvar': jnp.full_like(mean, LOGVAR_MIN),
+                            'label': jnp.arange(batch_size, dtype=jnp.int32) % max(num_classes, 1),
+                            **conditioning.example_batch(config, batch_size)}, data)
+    train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
+                                   lr_schedule=lr_schedule)
+    train_flops = train_flops_per_image(config, num_classes)
+    step = jax.jit(train_step, in_shardings=(state_sharding, data, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    # Compiled from shapes, so that the memory window below holds the state, the
+    # activations and the update, and no compiler work.
+    step, train_compile_s = _compile(step, abstract_state, batch, schedule)
+    memory = MemoryWindow()
+    state = init(1.0)
 
-  params = state.params
-  labels, conditions = jax.device_put(
-      (jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
-       _conditions(config, sample_batch_size)), data)
-  sample_shape = (sample_batch_size, *latent_shape)
+    def train_call():
+      nonlocal state
+      state, metrics = step(state, batch, schedule)
+      return metrics
+    train_s = _seconds_per_call(train_call, repeats)
+    train_memory_mib = memory.peak_mib()
+    train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
+                          train_flops)
+    print(f'MEMORY train_peak_mib={train_memory_mib:.1f} '
+          f'train_mib_per_img={train_memory_mib / batch_size:.2f} ({memory.method}; state, '
+          f'activations and update of batch {batch_size})', flush=True)
+    result.update(train_img_per_s=batch_size / train_s)
+    extra.update(train_flops_per_image=train_flops, train_peak_mib=train_memory_mib,
+                 train_mib_per_img=train_memory_mib / batch_size)
 
-  def model(p, y, conditions):
-    """The denoiser as `sampling.sample` calls it, conditions encoded once."""
-    return generate.model_and_conditions(denoiser, p, y if num_classes else None, conditions)
+  if 'sample' in parts:
+    params = (state if state is not None else init(1.0)).params
+    labels, conditions = jax.device_put(
+        (jnp.arange(sample_batch_size, dtype=jnp.int32) % max(num_classes, 1),
+         _conditions(config, sample_batch_size)), data)
+    sample_shape = (sample_batch_size, *latent_shape)
 
-  def forward(p, x, t, y, conditions):
-    model_fn, cond, _ = model(p, y, conditions)
-    return model_fn(x, t) if cond is None else model_fn(x, t, cond)
+    def model(p, y, conditions):
+      """The denoiser as `sampling.sample` calls it, conditions encoded once."""
+      return generate.model_and_conditions(denoiser, p, y if num_classes else None, conditions)
 
-  forward_flops = model_flops(forward, params, jax.ShapeDtypeStruct(sample_shape, jnp.float32),
-                              jax.ShapeDtypeStruct((sample_batch_size,), jnp.float32), labels,
-                              conditions)
+    def forward(p, x, t, y, conditions):
+      model_fn, cond, _ = model(p, y, conditions)
+      return model_fn(x, t) if cond is None else model_fn(x, t, cond)
 
-  def sample_fn(p, y, conditions, rng):
-    model_fn, cond, _ = model(p, y, conditions)
-    return sampling.sample(model_fn, schedule, sample_shape, rng, method='ddim',
-                           num_steps=ddim_steps, eta=0.0,
-                           prediction_type=config.diffusion.prediction_type, cond=cond)
+    forward_flops = model_flops(forward, params, jax.ShapeDtypeStruct(sample_shape, jnp.float32),
+                                jax.ShapeDtypeStruct((sample_batch_size,), jnp.float32), labels,
+                                conditions)
 
-  sample_fn, sample_compile_s = _compile(jax.jit(sample_fn), params, labels, conditions,
-                                         rng_sample)
-  sample_s = _seconds_per_call(lambda: sample_fn(params, labels, conditions, rng_sample), repeats)
-  sample_flops = forward_flops * ddim_steps / sample_batch_size
-  sample_gflops = report('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}',
-                         sample_compile_s, sample_s, sample_batch_size, sample_flops)
+    def sample_fn(p, y, conditions, rng):
+      model_fn, cond, _ = model(p, y, conditions)
+      return sampling.sample(model_fn, schedule, sample_shape, rng, method='ddim',
+                             num_steps=ddim_steps, eta=0.0,
+                             prediction_type=config.diffusion.prediction_type, cond=cond)
+
+    sample_fn, sample_compile_s = _compile(jax.jit(sample_fn), params, labels, conditions,
+                                           rng_sample)
+    sample_s = _seconds_per_call(lambda: sample_fn(params, labels, conditions, rng_sample),
+                                 repeats)
+    sample_flops = forward_flops * ddim_steps / sample_batch_size
+    sample_gflops = report('sample', f'DDIM-{ddim_steps}, batch {sample_batch_size}',
+                           sample_compile_s, sample_s, sample_batch_size, sample_flops)
+    result.update(sample_s_per_img=sample_s / sample_batch_size)
+    extra.update(sample_gflops=sample_gflops, sample_flops_per_image=sample_flops)
 
   memory_mib, memory_kind = peak_memory()
   print(f'peak memory: {memory_mib:,.0f} MiB ({memory_kind})')
-  result = dict(train_img_per_s=batch_size / train_s,
-                sample_s_per_img=sample_s / sample_batch_size, params=num_params,
-                train_gflops=train_gflops, matmul_gflops=matmul)
+  result['params'] = num_params
+  if 'train' in parts:
+    result['train_gflops'] = train_gflops
+  result['matmul_gflops'] = matmul
   print('RESULT ' + ' '.join(f'{k}={v}' if isinstance(v, int) else f'{k}={v:.4f}'
                              for k, v in result.items()), flush=True)
-  return {**result, 'sample_gflops': sample_gflops, 'train_flops_per_image': train_flops,
-          'sample_flops_per_image': sample_flops, 'peak_memory_mib': memory_mib}
+  return {**result, **extra, 'peak_memory_mib': memory_mib}
+
+
+_NUMBER = r'[-+0-9.eE]+|nan|inf'
+
+
+def parse_result(output: str, prefix: str = 'RESULT') -> dict[str, float]:
+  """The `key=value` numbers of the last line of `output` that starts with `prefix`."""
+  lines = [line for line in output.splitlines() if line.startswith(prefix + ' ')]
+  if not lines:
+    return {}
+  return {k: float(v) for k, v in re.findall(rf'(\w+)=({_NUMBER})(?=\s|$)', lines[-1])}
+
+
+def scaling_rows(measured: dict[tuple[int, str], float]) -> list[dict]:
+  """Scaling efficiency of images/s per (device count, 'data' | 'fsdp').
+
+  The efficiency of n devices is their images/s over n times the images/s of one
+  device (the per-device batch is the same at every count): 1.0 is linear scaling.
+  """
+  counts = sorted({n for n, _ in measured})
+  base = measured.get((1, 'data'), measured.get((1, 'fsdp')))
+  rows = []
+  for n in counts:
+    for mesh in ('data', 'fsdp'):
+      if (n, mesh) not in measured:
+        continue
+      img_per_s = measured[(n, mesh)]
+      efficiency = img_per_s / (n * base) if base else float('nan')
+      rows.append(dict(devices=n, mesh=mesh, img_per_s=img_per_s, efficiency=efficiency))
+  return rows
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+  """This run's flags without `--devices`, `--parts`, `--num_devices` and `--fsdp`."""
+  dropped = ('--devices', '--parts', '--num_devices', '--fsdp', '--nofsdp')
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+      continue
+    name = arg.split('=', 1)[0]
+    if name in dropped:
+      skip = '=' not in arg and name not in ('--fsdp', '--nofsdp')
+      continue
+    out.append(arg)
+  return out
+
+
+def child_command(argv: list[str], num_devices: int, fsdp: bool, batch_size: int,
+                  platform: str) -> tuple[list[str], dict[str, str]]:
+  """The command and environment that time the train step on `num_devices` devices.
+
+  On the CPU the child has that many host devices (`--xla_force_host_platform_device_count`
+  appended to XLA_FLAGS); on accelerators it uses the first `num_devices` of them.
+  """
+  command = [sys.executable, '-m', 'ldm_jax.bench', *_child_argv(argv), '--parts=train',
+             f'--config.data.batch_size={batch_size}', f'--num_devices={num_devices}',
+             '--fsdp' if fsdp else '--nofsdp']
+  env = dict(os.environ)
+  if platform == 'cpu':
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={num_devices}').strip()
+    env['JAX_PLATFORMS'] = 'cpu'
+  return command, env
+
+
+def bench_scaling(config, device_counts: list[int], argv: list[str]) -> list[dict]:
+  """Images/s of the train step on each device count, data-parallel and FSDP.
+
+  Each measurement is a fresh `python -m ldm_jax.bench --parts=train` process (on
+  the CPU with that many host devices, which share the machine's cores), with the
+  config's `data.batch_size` per device.
+  """
+  platform = jax.default_backend()
+  per_device = config.data.batch_size
+  available = jax.device_count()
+  measured, memory = {}, {}
+  for n in device_counts:
+    if platform != 'cpu' and n > available:
+      print(f'scaling: {n} devices left out, the machine has {available}')
+      continue
+    for mesh in ('data', 'fsdp'):
+      if n == 1 and mesh == 'fsdp':
+        continue  # One device: the same program.
+      command, env = child_command(argv, n, mesh == 'fsdp', per_device * n, platform)
+      run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+      values = parse_result(run.stdout)
+      if run.returncode or 'train_img_per_s' not in values:
+        tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ['no output']
+        print(f'scaling: {n} devices ({mesh}) failed: {tail[0]}')
+        continue
+      measured[(n, mesh)] = values['train_img_per_s']
+      memory[(n, mesh)] = parse_result(run.stdout, 'MEMORY').get('train_mib_per_img')
+      print(f'scaling: {n} devices ({mesh}): {values["train_img_per_s"]:.2f} images/s',
+            flush=True)
+  rows = scaling_rows(measured)
+  print(f'scaling on {platform}, {per_device} images per device per step:')
+  print(f'{"devices":>7s} {"mesh":>5s} {"images/s":>9s} {"efficiency":>10s} {"MiB/image":>9s}')
+  for row in rows:
+    mib = memory.get((row['devices'], row['mesh']))
+    row['mib_per_img'] = mib
+    print(f'{row["devices"]:>7d} {row["mesh"]:>5s} {row["img_per_s"]:>9.2f} '
+          f'{row["efficiency"]:>10.0%} {"" if mib is None else f"{mib:.1f}":>9s}')
+  return rows
+
+
+def _train_benchmark(config):
+  if FLAGS.devices:
+    return bench_scaling(config, [int(n) for n in FLAGS.devices], sys.argv[1:])
+  devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
+  return bench_train(
+      config, num_classes=FLAGS.num_classes, sample_batch_size=FLAGS.sample_batch_size,
+      ddim_steps=FLAGS.ddim_steps, repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size,
+      peak_tflops=FLAGS.peak_tflops, parts=tuple(FLAGS.parts), devices=devices, fsdp=FLAGS.fsdp)
 
 
 BENCHMARKS = {
     'first_stage': lambda config: bench_first_stage(config, batch_size=FLAGS.batch_size,
                                                     repeats=FLAGS.repeats),
-    'train': lambda config: bench_train(
-        config, num_classes=FLAGS.num_classes, sample_batch_size=FLAGS.sample_batch_size,
-        ddim_steps=FLAGS.ddim_steps, repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size,
-        peak_tflops=FLAGS.peak_tflops),
+    'train': _train_benchmark,
     'sample': lambda config: bench_sample(
         config, FLAGS.methods, [int(s) for s in FLAGS.steps],
         FLAGS.batch_size or config.sample.batch_size, FLAGS.repeats, FLAGS.num_classes),
@@ -353,6 +568,9 @@ def main(argv: list[str]) -> None:
   unknown = sorted(set(FLAGS.methods) - set(sampling.SAMPLERS))
   if unknown:
     raise app.UsageError(f'unknown --methods {unknown}; accepted: {", ".join(sampling.SAMPLERS)}')
+  unknown = sorted(set(FLAGS.parts) - {'train', 'sample'})
+  if unknown or not FLAGS.parts:
+    raise app.UsageError(f'unknown --parts {unknown}; accepted: train, sample (one or both)')
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
   BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
 

@@ -75,3 +75,59 @@ def test_a_conditioned_denoiser_is_initialized_with_its_condition():
   _, params = bench._init_params(config, builders.build_autoencoder(config), denoiser)
   assert set(params) == {'denoiser', 'conditioner'}
   assert 'token_embedding' in params['conditioner']
+
+
+def test_peak_rates_by_device_kind():
+  assert bench.peak_bf16_tflops('NVIDIA H100 80GB HBM3') == 989
+  assert bench.peak_bf16_tflops('NVIDIA H100 PCIe') == 756
+  assert bench.peak_bf16_tflops('NVIDIA H200') == 989
+  assert bench.peak_bf16_tflops('NVIDIA A100-SXM4-80GB') == 312
+  assert bench.peak_bf16_tflops('TPU v4') == 275
+  assert bench.peak_bf16_tflops('TPU v5 lite') == 197
+  assert bench.peak_bf16_tflops('TPU v5p') == 459
+  assert bench.peak_bf16_tflops('cpu') is None
+
+
+def test_result_parsing_and_scaling_efficiency():
+  output = ('RESULT train_img_per_s=1.0\nnoise\n'
+            'RESULT train_img_per_s=8.5000 sample_s_per_img=1.2e-01 params=6804868\n'
+            'MEMORY train_peak_mib=64.0 train_mib_per_img=2.00 (peak RSS)\n')
+  assert bench.parse_result(output) == {'train_img_per_s': 8.5, 'sample_s_per_img': 0.12,
+                                        'params': 6804868}
+  assert bench.parse_result(output, 'MEMORY') == {'train_peak_mib': 64.0,
+                                                  'train_mib_per_img': 2.0}
+  assert bench.parse_result('no result') == {}
+  rows = bench.scaling_rows({(1, 'data'): 10.0, (2, 'data'): 15.0, (2, 'fsdp'): 20.0,
+                             (4, 'fsdp'): 40.0})
+  assert [(r['devices'], r['mesh'], r['efficiency']) for r in rows] == [
+      (1, 'data', 1.0), (2, 'data', 0.75), (2, 'fsdp', 1.0), (4, 'fsdp', 1.0)]
+
+
+def test_scaling_children_get_their_devices_and_batch():
+  argv = ['--config=configs/bench_unet32.py', '--devices', '1,2', '--repeats=2', '--fsdp',
+          '--parts=sample', '--config.seed=3']
+  command, env = bench.child_command(argv, 4, True, 128, 'cpu')
+  assert command[1:] == ['-m', 'ldm_jax.bench', '--config=configs/bench_unet32.py',
+                         '--repeats=2', '--config.seed=3', '--parts=train',
+                         '--config.data.batch_size=128', '--num_devices=4', '--fsdp']
+  assert env['XLA_FLAGS'].endswith('--xla_force_host_platform_device_count=4')
+  command, env = bench.child_command(argv, 2, False, 64, 'gpu')
+  assert command[-1] == '--nofsdp' and env.get('XLA_FLAGS') == bench.os.environ.get('XLA_FLAGS')
+
+
+def test_fsdp_train_benchmark_counts_the_state_in_its_memory(tiny_config, capsys):
+  import jax
+
+  tiny_config.data.batch_size = 4
+  result = bench.bench_train(tiny_config, repeats=1, matmul_size=64, parts=('train',),
+                             devices=jax.devices()[:2], fsdp=True)
+  out = capsys.readouterr().out
+  assert "MFU: left out, no peak rate known for 'cpu'" in out
+  assert "mesh {'data': 1, 'fsdp': 2} (FSDP)" in out
+  values = bench.parse_result(out)
+  assert set(values) == {'train_img_per_s', 'params', 'train_gflops', 'matmul_gflops'}
+  # Parameters and both AdamW moments, float32, are made inside the memory window.
+  state_mib = 3 * 4 * result['params'] / 2**20
+  memory = bench.parse_result(out, 'MEMORY')
+  assert memory['train_peak_mib'] >= state_mib
+  assert memory['train_mib_per_img'] == pytest.approx(memory['train_peak_mib'] / 4, abs=0.01)
