@@ -23,7 +23,6 @@ are used and no checkpoint is needed.
 """
 import functools
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from ml_collections import config_flags
 
 from ldm_jax import builders, conditioning, first_stage, generate, models, optim, perceptual
 from ldm_jax import rss, sampling, sharding, stages, train
+from ldm_jax.results import parse_result
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
 FLAGS = flags.FLAGS
@@ -391,17 +391,6 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   print('RESULT ' + ' '.join(f'{k}={v}' if isinstance(v, int) else f'{k}={v:.4f}'
                              for k, v in result.items()), flush=True)
   return {**result, **extra, 'peak_memory_mib': memory_mib}
-
-
-_NUMBER = r'[-+0-9.eE]+|nan|inf'
-
-
-def parse_result(output: str, prefix: str = 'RESULT') -> dict[str, float]:
-  """The `key=value` numbers of the last line of `output` that starts with `prefix`."""
-  lines = [line for line in output.splitlines() if line.startswith(prefix + ' ')]
-  if not lines:
-    return {}
-  return {k: float(v) for k, v in re.findall(rf'(\w+)=({_NUMBER})(?=\s|$)', lines[-1])}
 
 
 def scaling_rows(measured: dict[tuple[int, str], float]) -> list[dict]:
