@@ -28,6 +28,7 @@ def test_default_config_is_valid():
     ('diffusion.compute_dtype', 'float16', 'float32, bfloat16'),
     ('autoencoder.compute_dtype', 'bf16', 'float32, bfloat16'),
     ('diffusion.model.remat', 'all', "'', 'full', 'dots_saveable'"),
+    ('diffusion.model.attention_impl', 'flash', "'auto', 'xla', 'cudnn'"),
     ('diffusion.model.name', 'vit', 'unet, dit'),
     # The 8x8 latents of the default config give 8x8 and 4x4 feature maps only.
     ('diffusion.model.attention_resolutions', (4, 3), '(8, 4) for 8x8 latents; 3 never occur'),
