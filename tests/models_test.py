@@ -151,6 +151,23 @@ def test_attention_implementations_compute_the_softmax_attention():
     dot_product_attention(q, k, v, 'flash')
 
 
+def test_cudnn_attention_is_not_chosen_for_a_program_lowered_for_the_cpu(monkeypatch):
+  from ldm_jax.models import layers
+
+  q = jnp.zeros((1, 4, 2, 32), jnp.bfloat16)
+
+  class FakeGpu:
+    platform, compute_capability = 'gpu', '9.0'
+    client = type('Client', (), {'platform_version': 'PJRT CUDA 12.8'})()
+
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax, 'devices', lambda *a: [FakeGpu()])
+  assert layers.cudnn_attention_supported(q, q, q)
+  assert not layers.cudnn_attention_supported(q.astype(jnp.float32), q, q)
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    assert not layers.cudnn_attention_supported(q, q, q)
+
+
 def test_unet_attention_impl_is_a_checked_field():
   from ldm_jax.models import unet as unet_module
   from ldm_jax.models.denoiser import FieldError

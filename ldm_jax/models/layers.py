@@ -44,7 +44,11 @@ def cudnn_attention_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   """Whether cuDNN fused attention can take q, k, v [B, T, N, D] on the default device."""
   if jax.default_backend() != 'gpu':
     return False
-  device = jax.devices()[0]
+  # Under `jax.default_device(cpu)` (e.g. `bench.model_flops` counting FLOPs on the
+  # CPU lowering of a GPU machine) the program is lowered for that device.
+  device = jax.config.jax_default_device or jax.devices()[0]
+  if getattr(device, 'platform', device) != 'gpu':
+    return False
   if 'cuda' not in getattr(device.client, 'platform_version', '').lower():
     return False  # ROCm GPUs have no cuDNN.
   try:
