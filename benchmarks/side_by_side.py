@@ -13,8 +13,8 @@
    the run stops unless both have the same parameter count and, on the same inputs,
    the same output to `--tolerance` (relative to the output's scale): the two
    programs compute the same function.
-3. Timed in turn, each in a fresh process: `python -m ldm_jax.bench` (its train
-   step and DDIM sampling) and, in the PyTorch environment,
+3. Timed in turn, each in a fresh process, both on the CPU: `python -m ldm_jax.bench`
+   on one CPU device (its train step and DDIM sampling) and, in the PyTorch environment,
    `benchmarks/torch_unet.py` (the same AdamW update on the same eps-MSE loss and
    noise schedule, then diffusers' DDIMScheduler with the same settings). With
    `--rounds` > 1 the order alternates (ldm_jax first, then PyTorch first, ...)
@@ -50,6 +50,8 @@ from ldm_jax.results import parse_result  # noqa: E402
 
 FLAGS = flags.FLAGS
 
+# Both sides run on the CPU: the PyTorch script never moves the model to a GPU.
+JAX_ENV = {'JAX_PLATFORMS': 'cpu'}
 TORCH_PACKAGES = ('torch', 'torchvision', 'diffusers')
 TORCH_SCRIPT = os.path.join(_REPO, 'benchmarks', 'torch_unet.py')
 # ldm_jax schedule name -> diffusers `beta_schedule`, for the schedules both define alike.
@@ -203,10 +205,12 @@ def venv_ready(venv: str) -> bool:
 
 def jax_command(config_args: list[str], *, batch_size: int, sample_batch_size: int,
                 num_steps: int, repeats: int, parts: list[str]) -> list[str]:
-  """`python -m ldm_jax.bench` timing the same things as the PyTorch side."""
+  """`python -m ldm_jax.bench` timing the same things as the PyTorch side (run it with
+  `JAX_ENV`: on one CPU device, where the PyTorch side runs)."""
   return [sys.executable, '-m', 'ldm_jax.bench', *config_args,
           f'--config.data.batch_size={batch_size}', f'--sample_batch_size={sample_batch_size}',
-          f'--ddim_steps={num_steps}', f'--repeats={repeats}', f'--parts={",".join(parts)}']
+          f'--ddim_steps={num_steps}', f'--repeats={repeats}', f'--parts={",".join(parts)}',
+          '--num_devices=1']
 
 
 def torch_command(venv: str, spec_file: str, mode: str) -> list[str]:
@@ -228,10 +232,17 @@ def config_args(argv: list[str]) -> list[str]:
   return out
 
 
-def _run(command: list[str], what: str) -> str:
-  """Runs `command` from the repository root; stops with its last line when it fails."""
-  print('$ ' + shlex.join(command), flush=True)
-  run = subprocess.run(command, cwd=_REPO, capture_output=True, text=True, check=False)
+def _show(command: list[str], env: dict[str, str] | None = None) -> str:
+  return ' '.join([*(f'{k}={shlex.quote(v)}' for k, v in (env or {}).items()),
+                   shlex.join(command)])
+
+
+def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> str:
+  """Runs `command` from the repository root (with `env` added to the environment);
+  stops with its last line when it fails."""
+  print('$ ' + _show(command, env), flush=True)
+  run = subprocess.run(command, cwd=_REPO, capture_output=True, text=True, check=False,
+                       env={**os.environ, **(env or {})})
   if run.returncode:
     last = (run.stdout + run.stderr).strip().splitlines()
     raise UserError(f'{what} failed (exit {run.returncode}): '
@@ -302,8 +313,10 @@ def main(argv: list[str]) -> None:
       for command in venv_commands(FLAGS.venv, FLAGS.torch_index_url):
         print(shlex.join(command))
     print(f'# export the U-Net folder and the check inputs to {workdir}')
-    for command in (torch_cmds['check'], jax_cmd, *(torch_cmds[p] for p in parts)):
-      print(shlex.join(command))
+    print(shlex.join(torch_cmds['check']))
+    print(_show(jax_cmd, JAX_ENV))
+    for part in parts:
+      print(shlex.join(torch_cmds[part]))
     return
 
   if not venv_ready(FLAGS.venv):
@@ -321,7 +334,7 @@ def main(argv: list[str]) -> None:
     sides = ['jax', 'torch'] if round_index % 2 == 0 else ['torch', 'jax']
     for side in sides:
       if side == 'jax':
-        out = _run(jax_cmd, 'ldm_jax.bench')
+        out = _run(jax_cmd, 'ldm_jax.bench', JAX_ENV)
         jax_runs.append({**parse_result(out), **parse_result(out, 'MEMORY')})
         print(f'ldm_jax: {jax_runs[-1]}', flush=True)
       else:

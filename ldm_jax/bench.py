@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from ldm_jax import builders, conditioning, first_stage, generate, models, optim, perceptual
 from ldm_jax import rss, sampling, sharding, stages, train
+from ldm_jax.errors import UserError
 from ldm_jax.results import parse_result
 from ldm_jax.models.autoencoder import LOGVAR_MIN
 
@@ -561,7 +562,10 @@ def main(argv: list[str]) -> None:
   if unknown or not FLAGS.parts:
     raise app.UsageError(f'unknown --parts {unknown}; accepted: train, sample (one or both)')
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
-  BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
+  try:
+    BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
+  except UserError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -113,8 +113,9 @@ def test_commands_carry_the_config_and_its_overrides():
   command = side_by_side.jax_command(args, batch_size=8, sample_batch_size=4, num_steps=10,
                                      repeats=2, parts=['train'])
   assert command[1:3] == ['-m', 'ldm_jax.bench']
-  assert command[-5:] == ['--config.data.batch_size=8', '--sample_batch_size=4',
-                          '--ddim_steps=10', '--repeats=2', '--parts=train']
+  assert command[-6:] == ['--config.data.batch_size=8', '--sample_batch_size=4',
+                          '--ddim_steps=10', '--repeats=2', '--parts=train', '--num_devices=1']
+  assert side_by_side.JAX_ENV == {'JAX_PLATFORMS': 'cpu'}
   created = side_by_side.venv_commands('/tmp/v', 'https://download.pytorch.org/whl/cpu')
   assert created[0][1:] == ['-m', 'venv', '/tmp/v']
   assert created[2][-4:] == ['--index-url', 'https://download.pytorch.org/whl/cpu', 'torch',
@@ -132,7 +133,8 @@ def test_dry_run_prints_the_plan_and_builds_nothing(tmp_path):
   assert lines[0].startswith('side by side: 6,804,868 parameters')
   assert any(line.endswith(f'-m venv {venv}') for line in lines)
   assert any('torch_unet.py' in line and line.endswith('--mode=check') for line in lines)
-  assert any('-m ldm_jax.bench' in line and '--parts=train' in line for line in lines)
+  assert any(line.startswith('JAX_PLATFORMS=cpu ') and '-m ldm_jax.bench' in line
+             and '--parts=train' in line for line in lines)
   assert not any(line.endswith('--mode=sample') for line in lines)
   assert not venv.exists()
 
