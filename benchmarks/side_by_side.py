@@ -52,7 +52,6 @@ FLAGS = flags.FLAGS
 
 # Both sides run on the CPU: the PyTorch script never moves the model to a GPU.
 JAX_ENV = {'JAX_PLATFORMS': 'cpu'}
-TORCH_PACKAGES = ('torch', 'torchvision', 'diffusers')
 TORCH_SCRIPT = os.path.join(_REPO, 'benchmarks', 'torch_unet.py')
 # ldm_jax schedule name -> diffusers `beta_schedule`, for the schedules both define alike.
 BETA_SCHEDULES = {'linear': 'linear', 'scaled_linear': 'scaled_linear'}
