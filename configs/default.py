@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh_shape = dict(data=-1, fsdp=1)
 
   config.data = dict(
-      name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...
+      name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...; or 'folder'.
+      folder='',              # name='folder': a directory (or gs:// URI) of images, see
+                              # ldm_jax/datasets/folder.py (class subdirectories, captions).
       data_dir='',            # TFDS data dir; '' = TFDS default (~/tensorflow_datasets).
       image_size=32,          # Images are resized (and center-cropped) to this square.
       num_channels=1,         # 1 = grayscale, 3 = RGB; converted in the pipeline.

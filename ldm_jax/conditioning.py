@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 import optax
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 from flax import linen as nn
 
@@ -304,8 +303,7 @@ def freeze_conditioner(tx: optax.GradientTransformation) -> optax.GradientTransf
 
 def training_captions(config: ml_collections.ConfigDict) -> list[str]:
   """Every caption of the training split (all of them for multi-caption datasets)."""
-  input_pipeline.dataset_info(config.data)  # Prepares the dataset if needed.
-  builder = tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+  builder = input_pipeline.prepared_builder(config.data)  # Prepares the dataset if needed.
   ds = builder.as_dataset(split=config.data.train_split, shuffle_files=False)
   key = config.diffusion.conditioning.text.caption_key
   captions = []

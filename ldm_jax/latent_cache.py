@@ -63,9 +63,9 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params,
   """Everything the cached posteriors and features depend on, as JSON-compatible data.
 
   The autoencoder (parameter hash, architecture, compute dtype), the dataset (name
-  and split; not `data_dir`, which only says where the same data lives), the
-  preprocessing fields of `config.data`, and the conditioner's config section and
-  vocabulary.
+  and split, and an image folder's path and file names; not `data_dir`, which only
+  says where the same data lives), the preprocessing fields of `config.data`, and
+  the conditioner's config section and vocabulary.
   """
   data = config.data
   c = config.diffusion.conditioning
@@ -78,6 +78,9 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params,
       'autoencoder_model': config.autoencoder.model.to_dict(),
       'autoencoder_compute_dtype': config.autoencoder.compute_dtype,
       'dataset': data.name,
+      # An image folder's identity: its path and the names of its files.
+      **({'folder': input_pipeline.prepared_builder(data).builder_config.name}
+         if data.name == input_pipeline.FOLDER else {}),
       'split': data.train_split,
       **{f'data.{name}': data[name] for name in _PREPROCESSING_FIELDS},
       'conditioning': features,
