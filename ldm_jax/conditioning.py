@@ -35,7 +35,7 @@ import tensorflow as tf
 from absl import logging
 from flax import linen as nn
 
-from ldm_jax import input_pipeline, text
+from ldm_jax import fileio, input_pipeline, text
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
 
@@ -325,7 +325,7 @@ def load_or_build_vocabulary(config: ml_collections.ConfigDict, path: str, *,
   """
   if not spec(config).uses_vocabulary:
     return None
-  if os.path.exists(path):
+  if fileio.exists(path):
     return text.Vocabulary.load(path)
   if not build:
     raise UserError(f'no vocabulary at {path}; run --mode=train first')

@@ -24,8 +24,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, conditioning, generate, input_pipeline, models, optim
-from ldm_jax import perceptual, sharding, stages, superres
+from ldm_jax import checkpointing, conditioning, fileio, generate, input_pipeline, models
+from ldm_jax import optim, perceptual, sharding, stages, superres
 from ldm_jax.losses import psnr
 from ldm_jax.models import inception
 from ldm_jax.models.autoencoder import codebook_statistics
@@ -318,7 +318,8 @@ def classifier_directory(config: ml_collections.ConfigDict, workdir: str) -> str
   root = config.eval.classifier_dir or os.path.join(stages.eval_dir(workdir), 'classifier')
   d = config.data
   key = {'data': [d.name, d.image_size, d.num_channels, d.train_split, d.eval_split,
-                  d.image_key, d.label_key],
+                  d.image_key, d.label_key,
+                  *([d.folder] if d.name == input_pipeline.FOLDER else [])],
          'classifier': {k: v for k, v in config.eval.to_dict().items()
                         if k.startswith('classifier_') and k != 'classifier_dir'}}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -379,9 +380,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   steps = config.eval.classifier_steps
   manager = checkpointing.make_manager(os.path.join(directory, 'checkpoints'), keep=1)
   info_path = os.path.join(directory, 'info.json')
-  if manager.latest_step() == steps and os.path.exists(info_path):
-    with open(info_path) as f:
-      accuracy = json.load(f)['test_accuracy']
+  if manager.latest_step() == steps and fileio.exists(info_path):
+    accuracy = fileio.read_json(info_path)['test_accuracy']
     params = checkpointing.restore(manager, abstract).params
     _say(f'classifier: loaded from {directory} (test accuracy {accuracy:.4f})')
     return TrainedClassifier(model, params, accuracy, directory, trained=False)
@@ -413,8 +413,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   checkpointing.finish(manager)  # A failed write: one line, no hang.
   if jax.process_index() == 0:
     stale = os.path.join(directory, REAL_CLASSIFIER_FEATURES)
-    if os.path.exists(stale):  # Features of an earlier classifier.
-      os.remove(stale)
+    if fileio.exists(stale):  # Features of an earlier classifier.
+      fileio.remove(stale)
     _write_json(info_path, {'test_accuracy': accuracy, 'num_train_steps': steps,
                             'final_loss': float(loss), 'train_seconds': seconds,
                             'num_test_examples': len(test['label'])})
@@ -435,23 +435,16 @@ def _say(line: str) -> None:
 
 def _write_json(path: str, payload: dict) -> None:
   """Writes JSON atomically: a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _cached_arrays(path: str, compute: Callable[[], dict[str, np.ndarray]]):
   """`compute()`'s arrays, cached as an npz at `path` (written by process 0)."""
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return dict(f)
+  if fileio.exists(path):
+    return fileio.load_npz(path)
   arrays = compute()
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp{os.getpid()}.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    fileio.save_npz(path, **arrays)
   return arrays
 
 

@@ -1,5 +1,6 @@
 """From noise to images: the jitted sample-and-decode function and image outputs."""
 import functools
+import io
 import math
 
 import jax

@@ -34,7 +34,7 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, input_pipeline, sharding, stages, text
+from ldm_jax import conditioning, fileio, input_pipeline, sharding, stages, text
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -97,21 +97,13 @@ def _layout(config: ml_collections.ConfigDict) -> dict:
 
 def _read_json(path: str) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return fileio.read_json(path)
+  except (*fileio.ERRORS, ValueError):
     return None
 
 
-def _write_atomic(path: str, write) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, value: dict) -> None:
-  _write_atomic(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+  fileio.write_json(path, value)
 
 
 def _shard_name(process: int, index: int) -> str:
@@ -123,7 +115,7 @@ def _done_name(process: int) -> str:
 
 
 def _is_complete(directory: str, layout: dict) -> bool:
-  return all(os.path.exists(os.path.join(directory, _done_name(p)))
+  return all(fileio.exists(os.path.join(directory, _done_name(p)))
              for p in range(layout['process_count']))
 
 
@@ -144,9 +136,9 @@ def _plan(directory: str, expected: dict, layout: dict) -> tuple[str, str]:
 
 
 def _wipe(directory: str) -> None:
-  for name in os.listdir(directory):
+  for name in fileio.listdir(directory):
     if name == _FINGERPRINT_FILE or name.startswith(('shard-', 'done-')):
-      os.remove(os.path.join(directory, name))
+      fileio.remove(os.path.join(directory, name))
 
 
 def encode_posterior(ae_params, images: jax.Array, *, autoencoder: nn.Module,
@@ -162,11 +154,11 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
                  vocabulary: text.Vocabulary | None) -> None:
   """Encodes this process's part of the train split into shards it has not written yet."""
   process = jax.process_index()
-  for name in os.listdir(directory):  # A shard being written when the run was killed.
+  for name in fileio.listdir(directory):  # A shard being written when the run was killed.
     if name.endswith('.tmp') and name.startswith(f'shard-p{process:05d}-'):
-      os.remove(os.path.join(directory, name))
+      fileio.remove(os.path.join(directory, name))
   num_done = 0
-  while os.path.exists(os.path.join(directory, _shard_name(process, num_done))):
+  while fileio.exists(os.path.join(directory, _shard_name(process, num_done))):
     num_done += 1
   if jax.process_count() > 1:
     # The encoders are collective over all processes: every process restarts from the
@@ -191,13 +183,16 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
   ds = ds.skip(num_done * layout['batches_per_shard'])
   pending: list[Arrays] = []
   index = num_done
+  # Example counts of the shards written before (read back) and in this pass.
+  counts = [len(fileio.load_npz(os.path.join(directory, _shard_name(process, i)))['label'])
+            for i in range(num_done)]
 
   def flush():
     nonlocal pending, index
     if pending:
       shard = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-      _write_atomic(os.path.join(directory, _shard_name(process, index)),
-                    lambda f: np.savez(f, **shard))
+      fileio.save_npz(os.path.join(directory, _shard_name(process, index)), **shard)
+      counts.append(len(shard['label']))
       index, pending = index + 1, []
 
   # The eval stream gives every process the same number of batches, so the jitted
@@ -215,9 +210,7 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
     if len(pending) == layout['batches_per_shard']:
       flush()
   flush()
-  shards = [[_shard_name(process, i),
-             int(np.load(os.path.join(directory, _shard_name(process, i)))['label'].shape[0])]
-            for i in range(index)]
+  shards = [[_shard_name(process, i), int(counts[i])] for i in range(index)]
   _write_json(os.path.join(directory, _done_name(process)),
               {'num_examples': sum(n for _, n in shards), 'shards': shards})
 
@@ -234,7 +227,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder: nn
   """
   sharding.check_batch_size(config.data.batch_size, mesh)
   directory = stages.latents_dir(workdir)
-  os.makedirs(directory, exist_ok=True)
+  fileio.makedirs(directory)
   vocabulary = conditioning.load_or_build_vocabulary(config, stages.vocabulary_path(workdir),
                                                      build=True)
   expected, layout = fingerprint(config, ae_params, vocabulary), _layout(config)
@@ -280,8 +273,8 @@ def load(directory: str, process_index: int | None = None,
   parts, start = [], 0
   for name, count in shards:
     if start < hi and start + count > lo:
-      with np.load(os.path.join(directory, name)) as shard:
-        parts.append({k: shard[k][max(lo - start, 0):hi - start] for k in shard.files})
+      shard = fileio.load_npz(os.path.join(directory, name))
+      parts.append({k: v[max(lo - start, 0):hi - start] for k, v in shard.items()})
     start += count
   if not parts:
     raise UserError(f'latent cache {directory} has no examples for process {process_index}')
