@@ -22,7 +22,6 @@ A new conditioner: its module in `ldm_jax/models/conditioners.py`, one
 `config.diffusion.conditioning.<name>` in `configs/default.py`.
 """
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 

@@ -82,9 +82,49 @@ def rename(source: str, target: str) -> None:
   tf.io.gfile.rename(str(source), str(target), overwrite=False)
 
 
+def rmtree(path: str) -> None:
+  """Removes directory `path` and everything under it."""
+  tf.io.gfile.rmtree(str(path))
+
+
 def replace(source: str, target: str) -> None:
   """Renames `source` to `target`, replacing it (atomic on local filesystems)."""
   tf.io.gfile.rename(str(source), str(target), overwrite=True)
+
+
+def create_exclusive(path: str, text: str) -> bool:
+  """Creates file `path` holding `text` unless it exists; returns whether it did.
+
+  Local files (plain paths, file://) are created atomically (O_EXCL). Object stores
+  have no exclusive create through gfile: there `path` is checked, then written, so
+  two starts within the same moment may both succeed.
+  """
+  path = str(path)
+  if has_scheme(path) and not path.startswith(_LOCAL_SCHEME):
+    if exists(path):
+      return False
+    write_atomic(path, text)
+    return True
+  try:
+    fd = os.open(checkpoint_path(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'w') as f:
+    f.write(text)
+  return True
+
+
+def remove_empty_dir(path: str) -> None:
+  """Removes directory `path` if it exists and is empty; anything else is left alone."""
+  path = str(path)
+  if has_scheme(path) and not path.startswith(_LOCAL_SCHEME):
+    if isdir(path) and not listdir(path):
+      tf.io.gfile.rmtree(path)
+    return
+  try:
+    os.rmdir(checkpoint_path(path))
+  except OSError:  # Not empty, gone or not removable.
+    pass
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

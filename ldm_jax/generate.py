@@ -1,6 +1,5 @@
 """From noise to images: the jitted sample-and-decode function and image outputs."""
 import functools
-import io
 import math
 
 import jax
