@@ -473,7 +473,12 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
   fileio.makedirs(directory)
   write_csv(rows, os.path.join(directory, 'results.csv'))
   write_markdown(rows, os.path.join(directory, 'results.md'), title)
-  write_plots(runs, rows, directory)
+  try:
+    import matplotlib  # noqa: F401  (an optional dependency: the `plot` extra)
+  except ImportError:
+    print("ablate: plots skipped, matplotlib is not installed (pip install -e '.[plot]')")
+  else:
+    write_plots(runs, rows, directory)
   return rows
 
 
