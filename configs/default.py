@@ -151,6 +151,12 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       image_every=0,           # Reconstruction / sample images to TensorBoard; 0 = at the end.
       eval_every=0,            # Stage 2 runs the --mode=eval metrics every N steps; 0 = never.
+      report_to='tensorboard',  # tensorboard | wandb (TensorBoard and Weights & Biases).
+      profile_steps=0,         # > 0: a JAX profiler trace of that many steps per stage,
+                               # after the compiling one, in the stage's TensorBoard dir.
+      # Compiled programs kept between runs: 'default' ($JAX_COMPILATION_CACHE_DIR or
+      # ~/.cache/ldm_jax/jax) | 'workdir' (WORKDIR/jax_cache, shared by a pod) | '' (off) | a path.
+      compilation_cache_dir='default',
   )
 
   config.sample = dict(

@@ -473,9 +473,7 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
   fileio.makedirs(directory)
   write_csv(rows, os.path.join(directory, 'results.csv'))
   write_markdown(rows, os.path.join(directory, 'results.md'), title)
-  try:
-    import matplotlib  # noqa: F401  (an optional dependency: the `plot` extra)
-  except ImportError:
+  if importlib.util.find_spec('matplotlib') is None:  # The optional `plot` extra.
     print("ablate: plots skipped, matplotlib is not installed (pip install -e '.[plot]')")
   else:
     write_plots(runs, rows, directory)

@@ -25,7 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import checkpointing, conditioning, fileio, generate, input_pipeline, models
-from ldm_jax import optim, perceptual, sharding, stages, superres
+from ldm_jax import observe, optim, perceptual, sharding, stages, superres
 from ldm_jax.losses import psnr
 from ldm_jax.models import inception
 from ldm_jax.models.autoencoder import codebook_statistics
@@ -247,7 +247,7 @@ def _concat(outputs: list[dict[str, np.ndarray]], count: int | None = None):
 
 
 def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarray, mesh,
-               batch_size: int) -> dict[str, np.ndarray]:
+               batch_size: int, desc: str = 'features') -> dict[str, np.ndarray]:
   """Applies a jitted `fn` (images [B, ...] -> dict of [B, ...]) to host images in batches.
 
   `images` [N, H, W, C] must be the same on every process (like `Sampler.generate`'s
@@ -257,7 +257,7 @@ def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarr
   padded = np.concatenate([images, np.zeros((-len(images) % batch_size, *images.shape[1:]),
                                             images.dtype)])
   outputs = []
-  for i in range(0, len(padded), batch_size):
+  for i in observe.progress(range(0, len(padded), batch_size), desc=desc):
     chunk = padded[i:i + batch_size]
     batch = jax.make_array_from_callback(chunk.shape, data, lambda index, c=chunk: c[index])
     outputs.append(_gather(fn(batch)))
@@ -265,7 +265,8 @@ def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarr
 
 
 def map_split(fn: Callable[[jax.Array], dict[str, jax.Array]],
-              config: ml_collections.ConfigDict, split: str, mesh) -> dict[str, np.ndarray]:
+              config: ml_collections.ConfigDict, split: str, mesh,
+              desc: str = 'features') -> dict[str, np.ndarray]:
   """Applies a jitted `fn` to every image of a dataset split (one pass, padding dropped).
 
   Returns `fn`'s outputs for the real examples plus their `label`s, on every process.
@@ -274,7 +275,8 @@ def map_split(fn: Callable[[jax.Array], dict[str, jax.Array]],
   data_config.batch_size = _eval_batch_size(config, mesh)
   ds = input_pipeline.create_dataset(data_config, split, train=False, seed=config.seed)
   outputs = []
-  for local in ds.as_numpy_iterator():
+  for local in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc=f'{desc} ({split})'):
     batch = sharding.global_batch(local, mesh)
     out = _gather({**fn(batch['image']), 'label': batch['label'], 'mask': batch['mask']})
     keep = out.pop('mask') > 0
@@ -398,7 +400,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
                     donate_argnums=0)
   state = init()
   start = time.perf_counter()
-  for _, local in zip(range(steps), ds.as_numpy_iterator()):
+  for _, local in observe.progress(zip(range(steps), ds.as_numpy_iterator()), total=steps,
+                                  desc='classifier', unit='step'):
     state, loss = step_fn(state, sharding.global_batch(
         {'image': local['image'], 'label': local['label']}, mesh))
     # One step in flight: with several CPU devices, queued steps' all-reduces were seen
@@ -539,7 +542,8 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, mesh, autoencoder:
     (metrics, the per-image outputs of `_reconstruction_fn`).
   """
   recon = map_split(_reconstruction_fn(autoencoder, ae_params, classifier, mesh, lpips_params,
-                                       inception_model), config, config.data.eval_split, mesh)
+                                       inception_model), config, config.data.eval_split, mesh,
+                     desc='stage-1 metrics')
   metrics = {'ae_psnr': float(np.mean(recon['psnr'])), 'ae_ssim': float(np.mean(recon['ssim']))}
   if 'lpips' in recon:
     metrics['ae_lpips'] = float(np.mean(recon['lpips']))
@@ -613,7 +617,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
     classify = _classify_fn(classifier.model, classifier.params, mesh)
     real_classifier = _real_features(
         config, mesh, os.path.join(cache_dir, REAL_CLASSIFIER_FEATURES), classify)
-    fake = map_images(classify, samples, mesh, batch_size)
+    fake = map_images(classify, samples, mesh, batch_size, desc='features (classifier)')
     _feature_metrics(metrics, 'classifier', fake['features'], real_classifier['test_features'],
                      real_classifier['train_features'], config, kid=False)
     if labels is not None:
@@ -630,7 +634,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
     digest = inception.file_sha256(config.eval.inception_weights)[:12]
     real = _real_features(config, mesh, os.path.join(cache_dir, f'real_inception_{digest}.npz'),
                           pool3)
-    fake = map_images(pool3, samples, mesh, batch_size)['features']
+    fake = map_images(pool3, samples, mesh, batch_size, desc='features (Inception)')['features']
     _feature_metrics(metrics, 'inception', fake, real['test_features'], real['train_features'],
                      config, kid=True)
 

@@ -9,7 +9,7 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, diffusion, editing, input_pipeline, sampling, sharding
+from ldm_jax import builders, diffusion, editing, input_pipeline, observe, sampling, sharding
 from ldm_jax import images as image_io
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
@@ -179,7 +179,7 @@ class Sampler:
     # Sampling runs the denoiser hundreds of times: gather FSDP-sharded weights once.
     params, ae_params = sharding.gather((params, ae_params), self._mesh)
     outputs = []
-    for i in range(0, num_padded, self.batch_size):
+    for i in observe.progress(range(0, num_padded, self.batch_size), desc='sampling'):
       batch_labels, batch_conditions = jax.device_put(
           jax.tree.map(lambda a: a[i:i + self.batch_size], padded),
           sharding.data_sharding(self._mesh))

@@ -34,7 +34,7 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, fileio, input_pipeline, sharding, stages, text
+from ldm_jax import conditioning, fileio, input_pipeline, observe, sharding, stages, text
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -197,7 +197,8 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
 
   # The eval stream gives every process the same number of batches, so the jitted
   # encoders below run in lockstep over all processes.
-  for batch in ds.as_numpy_iterator():
+  for batch in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc='encoding latents'):
     images = sharding.global_batch({'image': batch['image']}, mesh)['image']
     keep = batch['mask'] > 0
     arrays = {'label': batch['label'][keep].astype(np.int32),

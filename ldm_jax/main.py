@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import checkpointing, logs, modes, preemption, sharding
+from ldm_jax import checkpointing, logs, modes, observe, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -84,6 +84,7 @@ def main(argv: list[str]) -> None:
                                     FLAGS.process_id)
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
+    observe.enable_compilation_cache(FLAGS.config, FLAGS.workdir)
     modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir,
               modes.Options(num_samples=FLAGS.num_samples,
                             prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None,

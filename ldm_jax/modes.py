@@ -151,7 +151,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: O
     denoiser, state = train.train_diffusion(
         config, workdir, mesh, autoencoder, ae_params,
         make_hooks=training_hooks(config, workdir, mesh, autoencoder, ae_params))
-  writer = stages.summary_writer(workdir, 'diffusion')
+  writer = stages.summary_writer(workdir, 'diffusion', config)
   _write_samples(config, workdir, mesh, stages.Trained(denoiser, state, autoencoder, ae_params),
                  config.sample.num_samples, writer)
 
@@ -197,7 +197,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Op
   """
   del options
   trained = stages.restore_trained(config, workdir, mesh)
-  writer = stages.summary_writer(workdir, 'diffusion')
+  writer = stages.summary_writer(workdir, 'diffusion', config)
   return evaluation.run_evaluation(config, workdir, mesh, trained.denoiser, trained.state,
                                    trained.autoencoder, trained.ae_params, writer)
 

@@ -41,7 +41,8 @@ import optax
 from absl import logging
 
 from ldm_jax import (checkpointing, diffusion, editing, fileio, input_pipeline, latent_cache,
-                     lora, optim, preemption, schedulers, sharding, stages, train, train_state)
+                     lora, observe, optim, preemption, schedulers, sharding, stages, train,
+                     train_state)
 from ldm_jax import images as image_io
 from ldm_jax import stable_diffusion as sd
 from ldm_jax.errors import UserError
@@ -217,7 +218,8 @@ def build_cache(config, workdir: str, pipe: sd.StableDiffusion) -> dict[str, np.
                                      features=lambda example, image: {'caption': example[key]})
   encode_images = jax.jit(lambda p, x: pipe.vae.apply({'params': p}, x, method=pipe.vae.encode))
   parts = []
-  for batch in ds.as_numpy_iterator():
+  for batch in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc='encoding latents and captions'):
     keep = batch['mask'] > 0
     captions = [c.decode('utf-8') for c in batch['caption']]
     mean, logvar = encode_images(pipe.params['vae'], batch['image'])
@@ -303,7 +305,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
   abar = jax.device_put(schedulers.alphas_cumprod(pipe.scheduler), replicated)
   spec = _spec(config, pipe)
   step_fn = lambda state, batch: train_step(state, batch, frozen, abar, spec=spec)
-  writer = stages.summary_writer(workdir, STAGE)
+  writer = stages.summary_writer(workdir, STAGE, config)
   if config.diffusion.cache_latents:
     batches = _cached_batches(config, pipe, mesh, build_cache(config, workdir, pipe), start)
   else:
@@ -311,7 +313,8 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
   with preemption.handle_sigterm():
     state = train._run_stage(  # pylint: disable=protected-access
         STAGE, state, step_fn, batches, num_train_steps=config.diffusion.num_train_steps,
-        manager=manager, writer=writer, config=config)
+        manager=manager, writer=writer, config=config,
+        log_dir=stages.tensorboard_dir(workdir, STAGE))
   if config.diffusion.lora.rank and jax.process_index() == 0:
     sd.save_lora(jax.device_get(state.ema_params), _lora_scale(config), pipe.params['unet'],
                  stages.lora_dir(workdir))
@@ -380,7 +383,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options) 
   count = options.num_samples or config.sample.num_samples
   size = config.sample.image_size or None
   images = []
-  for i in range(count):
+  for i in observe.progress(range(count), desc='sampling'):  # One batch: every prompt.
     images.append(np.asarray(pipe(
         prompts, negative, num_steps=config.sample.num_steps,
         guidance_scale=config.sample.guidance_scale, method=config.sample.method,

@@ -31,10 +31,9 @@ import ml_collections
 import optax
 from absl import logging
 from flax import linen as nn
-from flax.metrics import tensorboard
 
 from ldm_jax import builders, checkpointing, conditioning, config_check, fileio, finetune
-from ldm_jax import first_stage, models, optim
+from ldm_jax import first_stage, models, observe, optim
 from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
@@ -158,11 +157,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   fileio.write_atomic(path, text)
 
 
-def summary_writer(workdir: str, stage: str):
-  """The stage's TensorBoard writer on process 0, None elsewhere."""
-  if jax.process_index() == 0:
-    return tensorboard.SummaryWriter(tensorboard_dir(workdir, stage))
-  return None
+def summary_writer(workdir: str, stage: str,
+                   config: ml_collections.ConfigDict | None = None) -> observe.Writer | None:
+  """The stage's TensorBoard writer on process 0 (and W&B with config.train.report_to='wandb'),
+  None elsewhere."""
+  return observe.summary_writer(tensorboard_dir(workdir, stage), config, workdir)
 
 
 # ------------------------------------------------------------ state init ----
