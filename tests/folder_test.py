@@ -186,3 +186,21 @@ def test_text_to_image_on_a_folder_trains_and_resumes_through_a_file_uri(images,
   assert 'skipping unreadable' not in result.stderr  # Prepared once.
   assert sorted(os.listdir(workdir / 'diffusion' / 'checkpoints')) == ['4', '6']
   assert (workdir / 'samples' / 'samples_6.npz').exists()
+
+
+def test_latent_cache_fingerprint_names_the_folder_and_its_files(images, tmp_path):
+  from configs import tiny
+  from ldm_jax import latent_cache
+
+  config = tiny.get_config()
+  config.data.update(data_config(images, tmp_path / 'tfds'))
+  params = {'w': np.zeros(2, np.float32)}
+  before = latent_cache.fingerprint(config, params)
+  assert before['folder'].startswith('pets_')
+  Image.new('RGB', (8, 8)).save(images / 'cat/new.png')
+  try:  # A cache of the old files must not be reused for the new ones.
+    assert latent_cache.fingerprint(config, params)['folder'] != before['folder']
+  finally:
+    (images / 'cat/new.png').unlink()
+  config.data.update(name='digits', folder='')
+  assert 'folder' not in latent_cache.fingerprint(config, params)

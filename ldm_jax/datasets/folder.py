@@ -260,6 +260,11 @@ def builder(folder: str, data_dir: str | None = None) -> FolderImages:
   return FolderImages(layout=scan(folder), data_dir=data_dir)
 
 
+def identity(folder: str) -> str:
+  """A name for the folder's contents: its name and a hash of its path and file names."""
+  return _config_name(scan(folder))
+
+
 def skipped_files(folder_builder: FolderImages) -> dict[str, list[str]]:
   """Split -> the relative paths skipped as unreadable when the dataset was prepared."""
   metadata = folder_builder.info.metadata or {}
