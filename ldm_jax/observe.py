@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import hashlib
 import os
+import threading
 from typing import Any
 
 import jax
@@ -43,6 +44,37 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
   quiet = jax.process_index() != 0 or (total is not None and total < min_total)
   return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet,
                    dynamic_ncols=True, mininterval=1.0, leave=False)
+
+
+class StepProgress:
+  """A per-step bar for a sampling loop that runs inside one jitted call.
+
+  `tick(t)` is called from the compiled loop (through `jax.debug.callback`) with each
+  model evaluation's timestep; distinct timesteps count as steps, so guidance, several
+  evaluations per step and repeated calls do not overcount.
+  """
+
+  def __init__(self, total: int, desc: str = 'sampling steps'):
+    self.total, self.desc = total, desc
+    self._bar, self._seen = None, set()
+    self._lock = threading.Lock()
+
+  def start(self) -> None:
+    self.close()
+    self._seen = set()
+    self._bar = progress(total=self.total, desc=self.desc, unit='step')
+
+  def tick(self, timestep) -> None:
+    with self._lock:
+      value = float(np.asarray(timestep))
+      if self._bar is not None and value not in self._seen:
+        self._seen.add(value)
+        self._bar.update(1)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 def known_length(dataset) -> int | None:

@@ -99,3 +99,25 @@ def test_progress_bar_counts_items_with_a_rate(capsys):
   assert 'sampling:' in err and '/3 [' in err and 'batch/s' in err  # Count, ETA, rate.
   assert list(observe.progress(range(1), desc='single')) == [0]
   assert 'single' not in capsys.readouterr().err  # One item: no bar.
+
+
+def test_sampling_steps_are_counted_once_from_inside_a_sharded_jit():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from ldm_jax import generate
+
+  steps = observe.StepProgress(total=3)
+  model_fn = generate._reporting_steps(lambda x, t: x * 0.5 + t[:, None], steps.tick)
+
+  def loop(x, timesteps):  # Two evaluations per step, as with Heun or guidance.
+    def body(x, t):
+      t = jnp.full((x.shape[0],), t)
+      return model_fn(model_fn(x, t), t), None
+    return jax.lax.scan(body, x, timesteps)[0]
+
+  mesh = Mesh(jax.devices(), ('data',))
+  x = jax.device_put(jnp.ones((8, 2)), NamedSharding(mesh, PartitionSpec('data')))
+  steps.start()
+  jax.block_until_ready(jax.jit(loop)(x, jnp.array([9.0, 5.0, 1.0])))
+  assert steps._bar.n == 3  # Not 6 evaluations, nor once per device.
+  steps.close()
