@@ -5,10 +5,10 @@ The layout is the one of Hugging Face's `imagefolder`:
 
   PATH/[SPLIT/][CLASS/...]IMAGE.{png,jpg,jpeg,bmp,gif,webp,tif,tiff}
 
-  splits    When PATH has a directory named `train`, its top-level directories
-            `train`, `test` and `validation` are the splits (anything else at the top
-            is an error). Otherwise every image is in the split `train`; TFDS slicing
-            such as `data.eval_split='train[:5%]'` then carves out an eval set.
+  splits    When images lie under PATH/train/, the top-level directories `train`,
+            `test` and `validation` are the splits (an image outside them is an
+            error). Otherwise every image is in the split `train`; TFDS slicing such
+            as `data.eval_split='train[:5%]'` then carves out an eval set.
   labels    When every image of every split lies inside a first-level directory of
             its split, that directory's name is its class (`label`, a ClassLabel with
             the sorted names); nested directories below it belong to the same class.
