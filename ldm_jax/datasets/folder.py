@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -251,8 +252,12 @@ class FolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata[f'skipped_{split}'] = skipped
 
 
+@functools.lru_cache(maxsize=8)
 def builder(folder: str, data_dir: str | None = None) -> FolderImages:
   """The builder of the images under `folder` (prepare it with `download_and_prepare`).
+
+  The folder is listed once per process (listing a bucket of many files takes a while);
+  a run sees the files that were there when it started.
 
   Raises:
     FolderError: see `scan`.
