@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 import hashlib
+import importlib
 import os
 import threading
 from typing import Any
@@ -123,14 +124,29 @@ class Writer:
     self._tensorboard.close()
 
 
+def check_report_to(report_to: str) -> None:
+  """Raises the one-line error `summary_writer` would, before any work starts."""
+  if report_to not in REPORT_TO:
+    raise UserError(f'config.train.report_to={report_to!r} is not valid; accepted: '
+                    f'{", ".join(REPORT_TO)}')
+  if report_to == 'wandb':
+    try:
+      importlib.import_module('wandb')
+    except ImportError:
+      raise UserError(_WANDB_MISSING) from None
+
+
+_WANDB_MISSING = ("config.train.report_to='wandb' needs the wandb package; accepted: "
+                  "pip install wandb (or pip install -e '.[wandb]'), or "
+                  "report_to='tensorboard'")
+
+
 def _wandb_run(workdir: str, run_config: dict[str, Any] | None):
   """The W&B run of `workdir` (started, or resumed by an id derived from the workdir)."""
   try:
     import wandb  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise UserError("config.train.report_to='wandb' needs the wandb package; accepted: "
-                    "pip install wandb (or pip install -e '.[wandb]'), or "
-                    "report_to='tensorboard'") from None
+    raise UserError(_WANDB_MISSING) from None
   if wandb.run is not None:
     return wandb.run
   run_id = hashlib.sha256(os.path.abspath(workdir).encode() if '://' not in workdir
@@ -145,9 +161,7 @@ def summary_writer(log_dir: str, config: ml_collections.ConfigDict | None = None
   if jax.process_index() != 0:
     return None
   report_to = config.train.get('report_to', 'tensorboard') if config is not None else 'tensorboard'
-  if report_to not in REPORT_TO:
-    raise UserError(f'config.train.report_to={report_to!r} is not valid; accepted: '
-                    f'{", ".join(REPORT_TO)}')
+  check_report_to(report_to)
   return Writer(log_dir, report_to=report_to, workdir=workdir,
                 run_config=config.to_dict() if config is not None else None)
 

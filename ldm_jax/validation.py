@@ -90,7 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(config, path, positive, 'a positive integer')
   _check(config, 'train.image_every', non_negative, 'an integer >= 0 (0 = at the end)')
   _check(config, 'train.eval_every', non_negative, 'an integer >= 0 (0 = never)')
-  _one_of(config, 'train.report_to', observe.REPORT_TO)
+  observe.check_report_to(config.train.report_to)
   _check(config, 'train.profile_steps', non_negative, 'an integer >= 0 (0 = no trace)')
   for path in ('eval.num_samples', 'eval.batch_size', 'eval.kid_subsets', 'eval.kid_subset_size',
                'eval.pr_k', 'eval.classifier_steps', 'eval.classifier_batch_size',

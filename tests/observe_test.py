@@ -10,6 +10,7 @@ import pytest
 
 from ldm_jax import observe
 from ldm_jax.errors import UserError
+from ldm_jax.validation import validate_config
 
 
 class FakeRun:
@@ -63,6 +64,10 @@ def test_wandb_missing_is_one_clear_error(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'wandb', None)  # `import wandb` raises ImportError.
   with pytest.raises(UserError, match='needs the wandb package; accepted: pip install wandb'):
     observe.summary_writer(str(tmp_path / 'tb'), _config(report_to='wandb'))
+  with pytest.raises(UserError, match='needs the wandb package'):  # Before any work.
+    validate_config(_config(report_to='wandb'))
+  with pytest.raises(UserError, match="report_to='tensorboard!' is not valid"):
+    validate_config(_config(report_to='tensorboard!'))
   assert observe.summary_writer(str(tmp_path / 'tb'), _config()) is not None  # TensorBoard only.
 
 
