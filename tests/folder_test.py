@@ -155,7 +155,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_text_to_image_on_a_folder_trains_and_resumes_through_a_file_uri(images, tmp_path):
-  """Both stages on the folder's captions, with every output under a file:// workdir."""
+  """Both stages on the folder's captions, resumed, then its latent cache: all under file://."""
   workdir = tmp_path / 'run'
   args = [f'--config={ROOT}/configs/tiny.py', f'--workdir=file://{workdir}',
           '--config.data.name=folder', f'--config.data.folder={images}',
@@ -186,6 +186,14 @@ def test_text_to_image_on_a_folder_trains_and_resumes_through_a_file_uri(images,
   assert 'skipping unreadable' not in result.stderr  # Prepared once.
   assert sorted(os.listdir(workdir / 'diffusion' / 'checkpoints')) == ['4', '6']
   assert (workdir / 'samples' / 'samples_6.npz').exists()
+
+  # The latent cache of the folder, also under the file:// workdir.
+  result = run_main(*args, '--mode=encode')
+  assert result.returncode == 0, result.stderr[-3000:]
+  cache = workdir / 'latents'
+  assert json.loads((cache / 'fingerprint.json').read_text())['fingerprint']['folder'] == \
+      folder.identity(str(images))
+  assert json.loads((cache / 'done-p00000.json').read_text())['num_examples'] == 15
 
 
 def test_latent_cache_fingerprint_names_the_folder_and_its_files(images, tmp_path):
