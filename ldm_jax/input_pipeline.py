@@ -85,6 +85,14 @@ def _short_reason(error: BaseException) -> str:
   return f'{type(error).__name__}: {message}' if message else type(error).__name__
 
 
+def source_identity(data_config: Any) -> dict[str, str]:
+  """What identifies the data beyond `data.name`, for caches that depend on it: an image
+  folder's contents (`folder.identity`: its path and file names); {} for TFDS datasets."""
+  if data_config.name == FOLDER:
+    return {'folder': folder.identity(data_config.folder)}
+  return {}
+
+
 def prepared_builder(data_config: Any) -> tfds.core.DatasetBuilder:
   """Returns the TFDS builder for `data_config.name`, downloading and preparing it once.
 

@@ -35,7 +35,6 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from ldm_jax import conditioning, fileio, input_pipeline, observe, sharding, stages, text
-from ldm_jax.datasets import folder
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -80,7 +79,7 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params,
       'autoencoder_compute_dtype': config.autoencoder.compute_dtype,
       'dataset': data.name,
       # An image folder's identity: its path and the names of its files.
-      **({'folder': folder.identity(data.folder)} if data.name == input_pipeline.FOLDER else {}),
+      **input_pipeline.source_identity(data),
       'split': data.train_split,
       **{f'data.{name}': data[name] for name in _PREPROCESSING_FIELDS},
       'conditioning': features,

@@ -70,6 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.cache_latents and config.data.random_flip:
     raise UserError('config.diffusion.cache_latents=True caches unflipped images; accepted: '
                     'config.data.random_flip=False')
+  observe.check_report_to(config.train.get('report_to', 'tensorboard'))
   lora_config = config.diffusion.lora
   if lora_config.rank < 0 or (lora_config.rank and not lora_config.targets):
     raise UserError(f'config.diffusion.lora.rank={lora_config.rank} with targets='
@@ -186,6 +187,7 @@ def _batches(config: ml_collections.ConfigDict, pipe: sd.StableDiffusion, mesh,
 def _cache_fingerprint(config, pipe: sd.StableDiffusion) -> dict:
   data = {k: config.data[k] for k in ('name', 'train_split', 'image_size', 'num_channels',
                                       'image_key', 'caption_key')}
+  data.update(input_pipeline.source_identity(config.data))  # An image folder's contents.
   return {'pretrained': config.pretrained, 'data': data,
           'vae': latent_cache.params_sha256(pipe.params['vae']),
           'text_encoder': latent_cache.params_sha256(pipe.params['text_encoder'])}
