@@ -4,7 +4,9 @@ import re
 
 import numpy as np
 
-from ldm_jax import fileio, latent_cache, text
+import json
+
+from ldm_jax import fileio, latent_cache, stages, text, workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,9 +48,37 @@ def test_file_uris_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded['latent_mean'], shard['latent_mean'])
 
 
+def test_workdir_records_and_lock_under_a_file_uri(tmp_path):
+  from configs import tiny
+
+  tiny_config = tiny.get_config()
+  uri = f'file://{tmp_path}/run'
+  with workdir_lock.hold(uri):  # Exclusive create through the local path.
+    assert json.loads((tmp_path / 'run' / '.lock').read_text())['host']
+    assert not fileio.create_exclusive(f'{uri}/.lock', 'other')
+    stages.prepare_workdir(uri)
+    stages.save_config(tiny_config, uri)
+    changed = tiny_config.copy_and_resolve_references()
+    changed.seed = 7
+    stages.save_config(changed, uri)  # The earlier record is kept beside it.
+    assert json.loads((tmp_path / 'run' / 'config.1.json').read_text())['seed'] == tiny_config.seed
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text())['seed'] == 7
+  assert not (tmp_path / 'run' / '.lock').exists()
+  fileio.makedirs(f'{uri}/a/b')
+  fileio.rename(f'{uri}/a', f'{uri}/c')  # Directories too (checkpoints moved aside).
+  assert (tmp_path / 'run' / 'c' / 'b').is_dir() and not (tmp_path / 'run' / 'a').exists()
+  fileio.remove_empty_dir(f'{uri}/c')  # Not empty: kept.
+  assert (tmp_path / 'run' / 'c').is_dir()
+  fileio.remove_empty_dir(f'{uri}/c/b')
+  assert not (tmp_path / 'run' / 'c' / 'b').exists()
+  fileio.rmtree(f'{uri}/c')
+  assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['config.1.json', 'config.json']
+
+
 # Direct file system calls that would fail on gs:// or file:// URIs.
-_BYPASS = re.compile(r'(?<![\w.])open\(|os\.(makedirs|listdir|replace|remove|rename)\(|'
-                     r'os\.path\.(exists|isdir|isfile)\(|np\.(load|savez\w*)\(|glob\.glob\(')
+_BYPASS = re.compile(r'(?<![\w.])open\(|os\.(makedirs|listdir|replace|remove|rename|rmdir|open)\(|'
+                     r'os\.path\.(exists|isdir|isfile)\(|np\.(load|savez\w*)\(|glob\.glob\(|'
+                     r'shutil\.\w+\(|tempfile\.mkdtemp\(|safetensors\.\w+\.(load|save)_file\(')
 # The only places allowed to use them, and why.
 _ALLOWED = {
     ('ablate.py', 'if not os.path.isfile(path):'): 'a sweep file is local Python to import',
