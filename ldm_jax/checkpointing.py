@@ -234,6 +234,7 @@ def wait_all() -> None:
 
 def step_record(directory: str, step: int) -> dict:
   """Our metadata of `step` (arrays, config); raises `_Unusable` when it is missing."""
+  directory = fileio.checkpoint_path(directory)  # As orbax names it (file:// URIs as paths).
   path = os.fspath(step_metadata.step_metadata_file_path(os.path.join(directory, str(step))))
   if not fileio.exists(path):
     raise _Unusable('no metadata')
