@@ -36,7 +36,7 @@ if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git -C "$repo" ls-files -z | tar -C "$repo" --null -T - -czf "$archive"
 else  # Not a git checkout: the project's top-level entries, without caches.
   tar -C "$repo" --exclude=__pycache__ --exclude='*.egg-info' -czf "$archive" \
-    $(cd "$repo" && ls -d ldm_jax configs experiments tests requirements.txt README.md \
+    $(cd "$repo" && ls -d ldm_jax configs experiments benchmarks tests requirements.txt README.md \
       pyproject.toml LICENSE CITATION.cff 2>/dev/null)
 fi
 "$gcloud" compute tpus tpu-vm scp "$archive" "$tpu":ldm_jax.tar.gz --zone="$zone" \
