@@ -346,15 +346,21 @@ def bench_first_stage(config, *, batch_size: int | None = None, repeats: int = 3
   return dict(rows, time_ratio=ratio, flop_ratio=flop_ratio)
 
 
-def main(argv: list[str]) -> None:
+def benchmark_of(argv: list[str]) -> str:
+  """The benchmark the parsed command line names (default train); `app.UsageError` if none."""
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in BENCHMARKS):
     raise app.UsageError(f'usage: python -m ldm_jax.bench [{"|".join(BENCHMARKS)}] '
                          f'--config=FILE (default: train)')
   unknown = sorted(set(FLAGS.methods) - set(sampling.SAMPLERS))
   if unknown:
     raise app.UsageError(f'unknown --methods {unknown}; accepted: {", ".join(sampling.SAMPLERS)}')
+  return argv[1] if len(argv) == 2 else 'train'
+
+
+def main(argv: list[str]) -> None:
+  name = benchmark_of(argv)
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
-  BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
+  BENCHMARKS[name](FLAGS.config)
 
 
 if __name__ == '__main__':
