@@ -266,8 +266,10 @@ def cover(command: Command, workspace: pathlib.Path) -> Coverage:
   program = argv[0]
   if program == 'python' and argv[1:3] == ['-m', 'ldm_jax.main']:
     args = argv[3:]
-    return Coverage('parsed by main, modes.check', [args],
-                    [_main_e2e(args, command.background)])
+    how = 'parsed by main, modes.check'
+    if _with_fixtures(args) != args:
+      how += ' (with the committed fixture in place of the download)'
+    return Coverage(how, [args], [_main_e2e(args, command.background)])
   if program == 'python' and argv[1:3] == ['-m', 'pytest']:
     assert TEST_COMMAND in CI_SCRIPT.read_text()
     assert shlex.join(argv) == TEST_COMMAND.split(' && ')[1]
@@ -482,6 +484,8 @@ def test_links_point_to_sections_and_files():
 
 if __name__ == '__main__':  # The coverage table of the README's commands.
   import tempfile
+
+  sys.path.insert(0, str(ROOT))
 
   with tempfile.TemporaryDirectory() as tmp:
     space = make_workspace(pathlib.Path(tmp))
