@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh_shape = dict(data=-1, fsdp=1)
 
   config.data = dict(
-      name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...
+      name='digits',          # Any TFDS name: digits (embedded), mnist, cifar10, ...; or 'folder'.
+      folder='',              # name='folder': a directory (or gs:// URI) of images, see
+                              # ldm_jax/datasets/folder.py (class subdirectories, captions).
       data_dir='',            # TFDS data dir; '' = TFDS default (~/tensorflow_datasets).
       image_size=32,          # Images are resized (and center-cropped) to this square.
       num_channels=1,         # 1 = grayscale, 3 = RGB; converted in the pipeline.
@@ -151,6 +153,12 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       image_every=0,           # Reconstruction / sample images to TensorBoard; 0 = at the end.
       eval_every=0,            # Stage 2 runs the --mode=eval metrics every N steps; 0 = never.
+      report_to='tensorboard',  # tensorboard | wandb (TensorBoard and Weights & Biases).
+      profile_steps=0,         # > 0: a JAX profiler trace of that many steps per stage,
+                               # after the compiling one, in the stage's TensorBoard dir.
+      # Compiled programs kept between runs: 'default' ($JAX_COMPILATION_CACHE_DIR or
+      # ~/.cache/ldm_jax/jax) | 'workdir' (WORKDIR/jax_cache, shared by a pod) | '' (off) | a path.
+      compilation_cache_dir='default',
   )
 
   config.sample = dict(

@@ -20,9 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.mesh_shape = dict(data=-1, fsdp=1)
 
-  # Fine-tuning data: any captioned TFDS dataset (images resized and center-cropped).
+  # Fine-tuning data: any captioned TFDS dataset (images resized and center-cropped),
+  # or name='folder' with folder=PATH: images with captions in sidecar .txt files or a
+  # metadata.jsonl (ldm_jax/datasets/folder.py).
   config.data = dict(
       name='digits_captions',
+      folder='',
       data_dir='',
       image_size=512,
       num_channels=3,          # The SD VAE takes RGB; grayscale is replicated.
@@ -57,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       image_every=0,
       eval_every=0,
+      report_to='tensorboard',  # tensorboard | wandb (TensorBoard and Weights & Biases).
+      profile_steps=0,          # > 0: a JAX profiler trace of that many steps (see default.py).
+      compilation_cache_dir='default',  # 'default' | 'workdir' | '' (off) | a path.
   )
 
   # --mode=sample: prompts from --prompt (repeatable), --negative_prompt.

@@ -29,14 +29,14 @@ one train step per image, `bench.train_flops_per_image`, counted from shapes) an
 """
 import csv
 import dataclasses
-import glob
 import importlib.util
-import json
+import io
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from ldm_jax import evaluation, stages
+from ldm_jax import evaluation, fileio, stages
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -75,8 +75,8 @@ class Run:
 
   @property
   def trained(self) -> bool:
-    return os.path.isdir(os.path.join(stages.checkpoint_dir(self.workdir, 'diffusion'),
-                                      str(self.num_train_steps)))
+    return fileio.isdir(os.path.join(stages.checkpoint_dir(self.workdir, 'diffusion'),
+                                     str(self.num_train_steps)))
 
 
 # ------------------------------------------------------------ sweep file ----
@@ -155,7 +155,7 @@ def autoencoder_command(sweep: dict[str, Any], root: str) -> tuple[str, ...]:
 
 def autoencoder_trained(sweep: dict[str, Any], root: str) -> bool:
   steps = _config_with(sweep['config'], sweep['overrides']).autoencoder.num_train_steps
-  return os.path.isdir(os.path.join(
+  return fileio.isdir(os.path.join(
       stages.checkpoint_dir(os.path.join(root, 'autoencoder'), 'autoencoder'), str(steps)))
 
 
@@ -163,7 +163,8 @@ def _stage_one(config) -> dict[str, Any]:
   """What the latents of a shared first stage depend on: the images and the autoencoder."""
   autoencoder = config.autoencoder.to_dict()
   autoencoder.pop('workdir')
-  data = {k: config.data[k] for k in ('name', 'data_dir', 'image_size', 'num_channels')}
+  data = {k: config.data.get(k) for k in ('name', 'folder', 'data_dir', 'image_size',
+                                          'num_channels')}
   return {'data': data, 'autoencoder': autoencoder}
 
 
@@ -208,35 +209,41 @@ def _status_path(run: Run) -> str:
 
 
 def _read_status(run: Run) -> dict[str, Any]:
-  try:
-    with open(_status_path(run)) as f:
-      return json.load(f)
-  except FileNotFoundError:
+  if not fileio.exists(_status_path(run)):
     return {'train_seconds': 0.0}
+  return fileio.read_json(_status_path(run))
 
 
 def _write_status(run: Run, status: dict[str, Any]) -> None:
-  os.makedirs(run.workdir, exist_ok=True)
-  with open(_status_path(run), 'w') as f:
-    json.dump(status, f)
+  fileio.write_json(_status_path(run), status)
 
 
 def _execute(command: Sequence[str], log_path: str) -> None:
   """Runs one command (this interpreter for `python`), its output appended to `log_path`."""
   argv = [sys.executable if command[0] == 'python' else command[0],
           *(shlex.split(a)[0] for a in command[1:])]
-  os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  with open(log_path, 'a') as log:
-    log.write(f'$ {" ".join(command)}\n')
-    log.flush()
-    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+  fileio.makedirs(os.path.dirname(log_path))
+  header = f'$ {" ".join(command)}\n'
+  if fileio.has_scheme(log_path):
+    # A subprocess writes only to a local file; its output is appended to the log after.
+    with tempfile.TemporaryFile('w+') as log:
+      log.write(header)
+      log.flush()
+      result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+      log.seek(0)
+      fileio.append_text(log_path, log.read())
+  else:
+    with open(log_path, 'a') as log:
+      log.write(header)
+      log.flush()
+      result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
   if result.returncode:
     raise UserError(f'command failed (exit {result.returncode}); see {log_path}')
 
 
 def execute_run(run: Run) -> str:
   """Trains (resuming) and evaluates `run` unless done; returns what happened."""
-  if os.path.isfile(run.metrics_path):
+  if fileio.isfile(run.metrics_path):
     return 'done before, skipped'
   log_path = os.path.join(run.workdir, 'ablate.log')
   train, evaluate = run.commands
@@ -260,8 +267,8 @@ def loss_curve(workdir: str, tag: str = 'train/loss') -> tuple[np.ndarray, np.nd
   import tensorflow as tf  # Only to read event files.
 
   points = {}
-  for path in sorted(glob.glob(os.path.join(stages.tensorboard_dir(workdir, 'diffusion'),
-                                            'events.*'))):
+  for path in fileio.glob(os.path.join(stages.tensorboard_dir(workdir, 'diffusion'),
+                                       'events.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == tag:
@@ -299,10 +306,9 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
   rows = []
   flops: dict[str, float] = {}
   for run in runs:
-    if not os.path.isfile(run.metrics_path):
+    if not fileio.isfile(run.metrics_path):
       continue
-    with open(run.metrics_path) as f:
-      metrics = json.load(f)
+    metrics = fileio.read_json(run.metrics_path)
     _, losses = loss_curve(run.workdir)
     status = _read_status(run)
     if 'train_flops_per_image' not in status:
@@ -345,10 +351,11 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
   fields = []
   for row in rows:
     fields += [k for k in row if k not in fields]
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+  buffer = io.StringIO(newline='')
+  writer = csv.DictWriter(buffer, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  fileio.write_atomic(path, buffer.getvalue())
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -403,8 +410,13 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str, title: str) -> Non
   if reals:
     lines.append('| *real vs real* | ' + ' | '.join(
         f'{reals[c]:.4g}' if c in reals else '' for c in columns) + ' |')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  fileio.write_atomic(path, '\n'.join(lines) + '\n')
+
+
+def _save_figure(fig, path: str) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  fileio.write_atomic(path, buffer.getvalue())
 
 
 def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: str) -> None:
@@ -428,7 +440,7 @@ def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: 
   ax.legend(fontsize='small')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(directory, 'loss_curves.png'), dpi=100)
+  _save_figure(fig, os.path.join(directory, 'loss_curves.png'))
   plt.close(fig)
 
   summary = summarize(rows)
@@ -450,7 +462,7 @@ def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: 
   for ax in list(axes.flat)[len(columns):]:
     ax.axis('off')
   fig.tight_layout()
-  fig.savefig(os.path.join(directory, 'metrics.png'), dpi=100)
+  _save_figure(fig, os.path.join(directory, 'metrics.png'))
   plt.close(fig)
 
 
@@ -458,10 +470,13 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
   rows = collect(runs)
   if not rows:
     raise UserError('no run has metrics yet; nothing to tabulate')
-  os.makedirs(directory, exist_ok=True)
+  fileio.makedirs(directory)
   write_csv(rows, os.path.join(directory, 'results.csv'))
   write_markdown(rows, os.path.join(directory, 'results.md'), title)
-  write_plots(runs, rows, directory)
+  if importlib.util.find_spec('matplotlib') is None:  # The optional `plot` extra.
+    print("ablate: plots skipped, matplotlib is not installed (pip install -e '.[plot]')")
+  else:
+    write_plots(runs, rows, directory)
   return rows
 
 

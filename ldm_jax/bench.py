@@ -551,7 +551,8 @@ def bench_first_stage(config, *, batch_size: int | None = None, repeats: int = 3
   return dict(rows, time_ratio=ratio, flop_ratio=flop_ratio)
 
 
-def main(argv: list[str]) -> None:
+def benchmark_of(argv: list[str]) -> str:
+  """The benchmark the parsed command line names (default train); `app.UsageError` if none."""
   if len(argv) > 2 or (len(argv) == 2 and argv[1] not in BENCHMARKS):
     raise app.UsageError(f'usage: python -m ldm_jax.bench [{"|".join(BENCHMARKS)}] '
                          f'--config=FILE (default: train)')
@@ -561,9 +562,14 @@ def main(argv: list[str]) -> None:
   unknown = sorted(set(FLAGS.parts) - {'train', 'sample'})
   if unknown or not FLAGS.parts:
     raise app.UsageError(f'unknown --parts {unknown}; accepted: train, sample (one or both)')
+  return argv[1] if len(argv) == 2 else 'train'
+
+
+def main(argv: list[str]) -> None:
+  name = benchmark_of(argv)
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
   try:
-    BENCHMARKS[argv[1] if len(argv) == 2 else 'train'](FLAGS.config)
+    BENCHMARKS[name](FLAGS.config)
   except UserError as e:
     sys.exit(f'error: {e}')
 

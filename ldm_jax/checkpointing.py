@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from orbax.checkpoint._src.metadata import checkpoint as step_metadata
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 
 State = TypeVar('State')
@@ -67,7 +68,7 @@ def make_manager(directory: str, *, keep: int, read_only: bool = False) -> ocp.C
       async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
   # One unnamed item, fixed here rather than guessed from the newest step on disk
   # (a damaged one would make every step unreadable).
-  manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  manager = ocp.CheckpointManager(fileio.checkpoint_path(directory), options=options,
                                   item_handlers=ocp.StandardCheckpointHandler())
   _managers[manager] = read_only
   return manager
@@ -233,13 +234,13 @@ def wait_all() -> None:
 
 def step_record(directory: str, step: int) -> dict:
   """Our metadata of `step` (arrays, config); raises `_Unusable` when it is missing."""
+  directory = fileio.checkpoint_path(directory)  # As orbax names it (file:// URIs as paths).
   path = os.fspath(step_metadata.step_metadata_file_path(os.path.join(directory, str(step))))
+  if not fileio.exists(path):
+    raise _Unusable('no metadata')
   try:
-    with open(path) as f:
-      custom = json.load(f).get('custom_metadata') or {}
-  except FileNotFoundError as e:
-    raise _Unusable('no metadata') from e
-  except (OSError, ValueError, AttributeError) as e:
+    custom = fileio.read_json(path).get('custom_metadata') or {}
+  except (*fileio.ERRORS, ValueError, AttributeError) as e:
     raise _Unusable(f'unreadable metadata ({_one_line(e)})') from e
   record = custom.get(RECORD_KEY) if isinstance(custom, dict) else None
   if not isinstance(record, dict) or not isinstance(record.get('arrays'), list):
@@ -249,10 +250,10 @@ def step_record(directory: str, step: int) -> dict:
 
 def stored_config(directory: str) -> dict | None:
   """The config stored with the newest readable checkpoint in `directory`, if any."""
-  if not os.path.isdir(directory):
+  if not fileio.isdir(directory):
     return None
-  steps = [int(name) for name in os.listdir(directory)
-           if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
+  steps = [int(name) for name in fileio.listdir(directory)
+           if name.isdigit() and fileio.isdir(os.path.join(directory, name))]
   for step in sorted(steps, reverse=True):
     try:
       config = step_record(directory, step).get('config')
@@ -310,10 +311,10 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   target = source + CORRUPT_SUFFIX
   if jax.process_index() == 0:
     n = 1
-    while os.path.exists(target):
+    while fileio.exists(target):
       n += 1
       target = f'{source}{CORRUPT_SUFFIX}{n}'
-    os.rename(source, target)
+    fileio.rename(source, target)
   multihost_utils.sync_global_devices(f'checkpoint {source} moved aside')
   manager.reload()
   return target

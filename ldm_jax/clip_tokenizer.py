@@ -16,6 +16,7 @@ from absl import logging
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 
 FILES = ('vocab.json', 'merges.txt')
@@ -89,27 +90,29 @@ class CLIPTokenizer:
 
   def save(self, path: str) -> None:
     """Writes vocab.json, merges.txt and tokenizer_config.json under `path`."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
-      json.dump(self.vocab, f, ensure_ascii=False)
-    with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
-      f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in self.merges))
-    with open(os.path.join(path, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      json.dump(self.config, f, indent=2, ensure_ascii=False)
+    fileio.write_atomic(os.path.join(path, 'vocab.json'),
+                        json.dumps(self.vocab, ensure_ascii=False).encode('utf-8'))
+    fileio.write_atomic(os.path.join(path, 'merges.txt'), (
+        '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in self.merges)).encode('utf-8'))
+    fileio.write_atomic(os.path.join(path, CONFIG_FILE),
+                        json.dumps(self.config, indent=2, ensure_ascii=False).encode('utf-8'))
+
+
+def _read_utf8(file: str) -> str:
+  with fileio.open(file, 'rb') as f:
+    return f.read().decode('utf-8')
 
 
 def load(path: str) -> CLIPTokenizer:
   """The tokenizer of a Stable Diffusion `tokenizer/` folder (vocab.json, merges.txt)."""
   for file in FILES:
-    if not os.path.isfile(os.path.join(path, file)):
+    if not fileio.isfile(os.path.join(path, file)):
       raise UserError(f'{path!r} has no {file}; a CLIP tokenizer folder holds '
                       f'{" and ".join(FILES)}')
   try:
-    with open(os.path.join(path, 'vocab.json'), encoding='utf-8') as f:
-      vocab = json.load(f)
-    with open(os.path.join(path, 'merges.txt'), encoding='utf-8') as f:
-      lines = f.read().split('\n')
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    vocab = json.loads(_read_utf8(os.path.join(path, 'vocab.json')))
+    lines = _read_utf8(os.path.join(path, 'merges.txt')).split('\n')
+  except (*fileio.ERRORS, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f'cannot read the tokenizer in {path!r}: {e}') from e
   if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
     raise UserError(f'{os.path.join(path, "vocab.json")} is not a token -> id map')
@@ -123,11 +126,10 @@ def load(path: str) -> CLIPTokenizer:
     merges.append((parts[0], parts[1]))
   config = dict(DEFAULTS)
   config_file = os.path.join(path, CONFIG_FILE)
-  if os.path.isfile(config_file):
+  if fileio.isfile(config_file):
     try:
-      with open(config_file, encoding='utf-8') as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+      saved = json.loads(_read_utf8(config_file))
+    except (*fileio.ERRORS, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise UserError(f'cannot read {config_file}: {e}') from e
     config.update({k: saved[k] for k in DEFAULTS if saved.get(k) is not None})
   # Older folders set an effectively infinite model_max_length; CLIP has 77 positions.

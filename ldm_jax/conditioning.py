@@ -22,7 +22,6 @@ A new conditioner: its module in `ldm_jax/models/conditioners.py`, one
 `config.diffusion.conditioning.<name>` in `configs/default.py`.
 """
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,11 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 from flax import linen as nn
 
-from ldm_jax import input_pipeline, text
+from ldm_jax import fileio, input_pipeline, text
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
 
@@ -304,8 +302,7 @@ def freeze_conditioner(tx: optax.GradientTransformation) -> optax.GradientTransf
 
 def training_captions(config: ml_collections.ConfigDict) -> list[str]:
   """Every caption of the training split (all of them for multi-caption datasets)."""
-  input_pipeline.dataset_info(config.data)  # Prepares the dataset if needed.
-  builder = tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+  builder = input_pipeline.prepared_builder(config.data)  # Prepares the dataset if needed.
   ds = builder.as_dataset(split=config.data.train_split, shuffle_files=False)
   key = config.diffusion.conditioning.text.caption_key
   captions = []
@@ -327,7 +324,7 @@ def load_or_build_vocabulary(config: ml_collections.ConfigDict, path: str, *,
   """
   if not spec(config).uses_vocabulary:
     return None
-  if os.path.exists(path):
+  if fileio.exists(path):
     return text.Vocabulary.load(path)
   if not build:
     raise UserError(f'no vocabulary at {path}; run --mode=train first')

@@ -37,7 +37,7 @@ WORKDIR/edits/<task>_<step>.png (input, masked input, variations) and
 <task>_<step>.npz (`images`, `input`, and for inpaint `mask`, 1 = filled; all uint8).
 Inpainted images get the input's known pixels pasted back after decoding.
 """
-import os
+import io
 import zipfile
 from typing import Any
 
@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ldm_jax import diffusion, sampling
+from ldm_jax import diffusion, fileio, sampling
 from ldm_jax.errors import UserError
 
 TASKS = ('inpaint', 'img2img')
@@ -264,22 +264,22 @@ def img2img(model_fn: sampling.ModelFn, schedule: diffusion.Schedule, latents: j
 
 def _read_npz(path: str, keys: tuple[str, ...], what: str) -> np.ndarray:
   try:
-    with np.load(path) as data:
-      key = next((k for k in keys if k in data.files), None)
-      if key is None:
-        raise UserError(f'{what} {path} has keys {sorted(data.files)}; accepted: an .npz '
-                        f'with key {" or ".join(repr(k) for k in keys)}')
-      return np.asarray(data[key])
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    data = fileio.load_npz(path)
+  except (*fileio.ERRORS, ValueError, zipfile.BadZipFile) as e:
     raise UserError(f'cannot read {what} {path}: {type(e).__name__}; accepted: a NumPy '
                     f'.npz file') from e
+  key = next((k for k in keys if k in data), None)
+  if key is None:
+    raise UserError(f'{what} {path} has keys {sorted(data)}; accepted: an .npz '
+                    f'with key {" or ".join(repr(k) for k in keys)}')
+  return np.asarray(data[key])
 
 
 def _read_pil(path: str, mode: str, what: str) -> np.ndarray:
   try:
-    with Image.open(path) as image:
+    with fileio.open(path, 'rb') as f, Image.open(io.BytesIO(f.read())) as image:
       return np.asarray(image.convert(mode))
-  except (UnidentifiedImageError, OSError) as e:
+  except (UnidentifiedImageError, *fileio.ERRORS) as e:
     raise UserError(f'cannot read {what} {path}: {type(e).__name__}; accepted: PNG, JPEG '
                     f'or .npz') from e
 
@@ -287,7 +287,7 @@ def _read_pil(path: str, mode: str, what: str) -> np.ndarray:
 def _check_exists(path: str, what: str) -> None:
   if not path:
     raise UserError(f'no {what} given; accepted: a path to a PNG, JPEG or .npz file')
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f'{what} not found: {path}')
 
 

@@ -24,8 +24,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpointing, conditioning, generate, input_pipeline, models, optim
-from ldm_jax import perceptual, sharding, stages, superres
+from ldm_jax import checkpointing, conditioning, fileio, generate, input_pipeline, models
+from ldm_jax import observe, optim, perceptual, sharding, stages, superres
 from ldm_jax.losses import psnr
 from ldm_jax.models import inception
 from ldm_jax.models.autoencoder import codebook_statistics
@@ -247,7 +247,7 @@ def _concat(outputs: list[dict[str, np.ndarray]], count: int | None = None):
 
 
 def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarray, mesh,
-               batch_size: int) -> dict[str, np.ndarray]:
+               batch_size: int, desc: str = 'features') -> dict[str, np.ndarray]:
   """Applies a jitted `fn` (images [B, ...] -> dict of [B, ...]) to host images in batches.
 
   `images` [N, H, W, C] must be the same on every process (like `Sampler.generate`'s
@@ -257,7 +257,7 @@ def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarr
   padded = np.concatenate([images, np.zeros((-len(images) % batch_size, *images.shape[1:]),
                                             images.dtype)])
   outputs = []
-  for i in range(0, len(padded), batch_size):
+  for i in observe.progress(range(0, len(padded), batch_size), desc=desc):
     chunk = padded[i:i + batch_size]
     batch = jax.make_array_from_callback(chunk.shape, data, lambda index, c=chunk: c[index])
     outputs.append(_gather(fn(batch)))
@@ -265,7 +265,8 @@ def map_images(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarr
 
 
 def map_split(fn: Callable[[jax.Array], dict[str, jax.Array]],
-              config: ml_collections.ConfigDict, split: str, mesh) -> dict[str, np.ndarray]:
+              config: ml_collections.ConfigDict, split: str, mesh,
+              desc: str = 'features') -> dict[str, np.ndarray]:
   """Applies a jitted `fn` to every image of a dataset split (one pass, padding dropped).
 
   Returns `fn`'s outputs for the real examples plus their `label`s, on every process.
@@ -274,7 +275,8 @@ def map_split(fn: Callable[[jax.Array], dict[str, jax.Array]],
   data_config.batch_size = _eval_batch_size(config, mesh)
   ds = input_pipeline.create_dataset(data_config, split, train=False, seed=config.seed)
   outputs = []
-  for local in ds.as_numpy_iterator():
+  for local in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc=f'{desc} ({split})'):
     batch = sharding.global_batch(local, mesh)
     out = _gather({**fn(batch['image']), 'label': batch['label'], 'mask': batch['mask']})
     keep = out.pop('mask') > 0
@@ -318,7 +320,8 @@ def classifier_directory(config: ml_collections.ConfigDict, workdir: str) -> str
   root = config.eval.classifier_dir or os.path.join(stages.eval_dir(workdir), 'classifier')
   d = config.data
   key = {'data': [d.name, d.image_size, d.num_channels, d.train_split, d.eval_split,
-                  d.image_key, d.label_key],
+                  d.image_key, d.label_key,
+                  *([d.folder] if d.name == input_pipeline.FOLDER else [])],
          'classifier': {k: v for k, v in config.eval.to_dict().items()
                         if k.startswith('classifier_') and k != 'classifier_dir'}}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -379,9 +382,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   steps = config.eval.classifier_steps
   manager = checkpointing.make_manager(os.path.join(directory, 'checkpoints'), keep=1)
   info_path = os.path.join(directory, 'info.json')
-  if manager.latest_step() == steps and os.path.exists(info_path):
-    with open(info_path) as f:
-      accuracy = json.load(f)['test_accuracy']
+  if manager.latest_step() == steps and fileio.exists(info_path):
+    accuracy = fileio.read_json(info_path)['test_accuracy']
     params = checkpointing.restore(manager, abstract).params
     _say(f'classifier: loaded from {directory} (test accuracy {accuracy:.4f})')
     return TrainedClassifier(model, params, accuracy, directory, trained=False)
@@ -398,7 +400,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
                     donate_argnums=0)
   state = init()
   start = time.perf_counter()
-  for _, local in zip(range(steps), ds.as_numpy_iterator()):
+  for _, local in observe.progress(zip(range(steps), ds.as_numpy_iterator()), total=steps,
+                                  desc='classifier', unit='step'):
     state, loss = step_fn(state, sharding.global_batch(
         {'image': local['image'], 'label': local['label']}, mesh))
     # One step in flight: with several CPU devices, queued steps' all-reduces were seen
@@ -413,8 +416,8 @@ def load_or_train_classifier(config: ml_collections.ConfigDict, workdir: str,
   checkpointing.finish(manager)  # A failed write: one line, no hang.
   if jax.process_index() == 0:
     stale = os.path.join(directory, REAL_CLASSIFIER_FEATURES)
-    if os.path.exists(stale):  # Features of an earlier classifier.
-      os.remove(stale)
+    if fileio.exists(stale):  # Features of an earlier classifier.
+      fileio.remove(stale)
     _write_json(info_path, {'test_accuracy': accuracy, 'num_train_steps': steps,
                             'final_loss': float(loss), 'train_seconds': seconds,
                             'num_test_examples': len(test['label'])})
@@ -435,23 +438,16 @@ def _say(line: str) -> None:
 
 def _write_json(path: str, payload: dict) -> None:
   """Writes JSON atomically: a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _cached_arrays(path: str, compute: Callable[[], dict[str, np.ndarray]]):
   """`compute()`'s arrays, cached as an npz at `path` (written by process 0)."""
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return dict(f)
+  if fileio.exists(path):
+    return fileio.load_npz(path)
   arrays = compute()
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp{os.getpid()}.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    fileio.save_npz(path, **arrays)
   return arrays
 
 
@@ -546,7 +542,8 @@ def reconstruction_metrics(config: ml_collections.ConfigDict, mesh, autoencoder:
     (metrics, the per-image outputs of `_reconstruction_fn`).
   """
   recon = map_split(_reconstruction_fn(autoencoder, ae_params, classifier, mesh, lpips_params,
-                                       inception_model), config, config.data.eval_split, mesh)
+                                       inception_model), config, config.data.eval_split, mesh,
+                     desc='stage-1 metrics')
   metrics = {'ae_psnr': float(np.mean(recon['psnr'])), 'ae_ssim': float(np.mean(recon['ssim']))}
   if 'lpips' in recon:
     metrics['ae_lpips'] = float(np.mean(recon['lpips']))
@@ -620,7 +617,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
     classify = _classify_fn(classifier.model, classifier.params, mesh)
     real_classifier = _real_features(
         config, mesh, os.path.join(cache_dir, REAL_CLASSIFIER_FEATURES), classify)
-    fake = map_images(classify, samples, mesh, batch_size)
+    fake = map_images(classify, samples, mesh, batch_size, desc='features (classifier)')
     _feature_metrics(metrics, 'classifier', fake['features'], real_classifier['test_features'],
                      real_classifier['train_features'], config, kid=False)
     if labels is not None:
@@ -637,7 +634,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
     digest = inception.file_sha256(config.eval.inception_weights)[:12]
     real = _real_features(config, mesh, os.path.join(cache_dir, f'real_inception_{digest}.npz'),
                           pool3)
-    fake = map_images(pool3, samples, mesh, batch_size)['features']
+    fake = map_images(pool3, samples, mesh, batch_size, desc='features (Inception)')['features']
     _feature_metrics(metrics, 'inception', fake, real['test_features'], real['train_features'],
                      config, kid=True)
 

@@ -7,7 +7,6 @@ stay frozen (the *base*) and the train state holds only the adapters; the stage'
 checkpoint directory records which base they belong to in `lora_base.json` (the
 folder's path and the SHA-256 of its weights), checked whenever they are used.
 """
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ldm_jax import lora, pretrained
+from ldm_jax import fileio, lora, pretrained
 from ldm_jax.errors import UserError
 
 Params = Any
@@ -35,19 +34,15 @@ def _check_pointer(directory: str, path: str, *, create: bool) -> None:
   """Writes (`create`) or checks the record of the base the adapters in `directory` use."""
   pointer = os.path.join(directory, BASE_POINTER)
   digest = pretrained.weights_hash(path)
-  if os.path.exists(pointer):
-    with open(pointer) as f:
-      recorded = json.load(f)
+  if fileio.exists(pointer):
+    recorded = fileio.read_json(pointer)
     if recorded['sha256'] != digest:
       raise UserError(f'config.diffusion.init_from={path!r} is not the base the LoRA adapters '
                       f'in {directory} were trained on ({recorded["path"]}, sha256 '
                       f'{recorded["sha256"][:12]}...); accepted: those weights')
   elif create:
     if jax.process_index() == 0:  # One writer; the other processes share the file system.
-      os.makedirs(directory, exist_ok=True)
-      with open(pointer + '.tmp', 'w') as f:
-        json.dump({'path': os.path.abspath(path), 'sha256': digest}, f, indent=2)
-      os.replace(pointer + '.tmp', pointer)
+      fileio.write_json(pointer, {'path': fileio.absolute(path), 'sha256': digest})
   else:
     raise UserError(f'{directory} has no {BASE_POINTER}: it holds no LoRA adapters; '
                     f'accepted: the workdir of a run with config.diffusion.lora.rank > 0')

@@ -1,6 +1,7 @@
 """From noise to images: the jitted sample-and-decode function and image outputs."""
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ldm_jax import builders, diffusion, editing, input_pipeline, sampling, sharding
+from ldm_jax import builders, diffusion, editing, input_pipeline, observe, sampling, sharding
 from ldm_jax import images as image_io
 from ldm_jax.errors import UserError
 from ldm_jax.models import conditioners
@@ -56,7 +57,8 @@ def generate_images(params, ae_params, scale_factor: jax.Array, labels: jax.Arra
                     rng: jax.Array, schedule: diffusion.Schedule,
                     conditions: dict[str, jax.Array] | None = None, *, denoiser: nn.Module,
                     autoencoder: nn.Module, sample_config: ml_collections.ConfigDict,
-                    prediction_type: str, latent_shape: tuple[int, int, int]) -> jax.Array:
+                    prediction_type: str, latent_shape: tuple[int, int, int],
+                    on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
   """Samples latents with the configured sampler and decodes them.
 
   Args:
@@ -64,11 +66,14 @@ def generate_images(params, ae_params, scale_factor: jax.Array, labels: jax.Arra
     labels: [B] int32 class labels (ignored when the denoiser has no classes).
     conditions: the conditioner's batch features, [B, ...] each (see
       `ldm_jax.conditioning`); needed by a `ConditionedDenoiser`, else ignored.
+    on_step: called on the host with the timestep of every model evaluation (progress).
   Returns:
     [B, H, W, C] images in [-1, 1].
   """
   model_fn, cond, null_cond = model_and_conditions(
       denoiser, params, labels if denoiser.num_classes else None, conditions)
+  if on_step is not None:
+    model_fn = _reporting_steps(model_fn, on_step)
   latents = sampling.sample(
       model_fn, schedule, (labels.shape[0], *latent_shape), rng,
       method=sample_config.method, num_steps=sample_config.num_steps, eta=sample_config.eta,
@@ -130,6 +135,15 @@ def edit_images(params, ae_params, scale_factor: jax.Array, image: jax.Array,
   return images
 
 
+def _reporting_steps(model_fn: Callable, on_step: Callable[[jax.Array], None]) -> Callable:
+  """`model_fn` that also sends each evaluation's timestep to `on_step` on the host."""
+
+  def fn(x, t, *args):
+    jax.debug.callback(on_step, jnp.ravel(t)[0])
+    return model_fn(x, t, *args)
+  return fn
+
+
 class Sampler:
   """Compiles `generate_images` once for a config and mesh; generates in batches."""
 
@@ -147,11 +161,13 @@ class Sampler:
     self.schedule = builders.make_schedule(config)
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     self._mesh = mesh
+    self._steps = observe.StepProgress(config.sample.num_steps)
     self._fn = jax.jit(
         functools.partial(generate_images, denoiser=denoiser, autoencoder=autoencoder,
                           sample_config=config.sample,
                           prediction_type=config.diffusion.prediction_type,
-                          latent_shape=builders.latent_shape(config)),
+                          latent_shape=builders.latent_shape(config),
+                          on_step=self._steps.tick),
         in_shardings=(replicated, replicated, replicated, data, replicated, replicated, data),
         out_shardings=data)
 
@@ -179,14 +195,16 @@ class Sampler:
     # Sampling runs the denoiser hundreds of times: gather FSDP-sharded weights once.
     params, ae_params = sharding.gather((params, ae_params), self._mesh)
     outputs = []
-    for i in range(0, num_padded, self.batch_size):
+    for i in observe.progress(range(0, num_padded, self.batch_size), desc='sampling'):
       batch_labels, batch_conditions = jax.device_put(
           jax.tree.map(lambda a: a[i:i + self.batch_size], padded),
           sharding.data_sharding(self._mesh))
+      self._steps.start()
       images = self._fn(params, ae_params, scale_factor, batch_labels,
                         jax.random.fold_in(base_rng, i // self.batch_size), self.schedule,
                         batch_conditions)
       outputs.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
+      self._steps.close()
     images = input_pipeline.postprocess(np.concatenate(outputs)[:num_samples])
     return images, (labels if self.num_classes else None)
 

@@ -1,8 +1,11 @@
 """Image outputs: uint8 grids, and PNG + npz files of samples and edits."""
+import io
 import os
 
 import numpy as np
 from PIL import Image
+
+from ldm_jax import fileio
 
 
 def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
@@ -20,7 +23,7 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
 def free_sample_names(directory: str, step: int) -> tuple[str, str]:
   """`grid_<step>_sample<n>.png`, `samples_<step>_sample<n>.npz` with the first unused n."""
   n = 1
-  while os.path.exists(os.path.join(directory, f'samples_{step}_sample{n}.npz')):
+  while fileio.exists(os.path.join(directory, f'samples_{step}_sample{n}.npz')):
     n += 1
   return (os.path.join(directory, f'grid_{step}_sample{n}.png'),
           os.path.join(directory, f'samples_{step}_sample{n}.npz'))
@@ -46,6 +49,12 @@ def write_samples(directory: str, step: int, grid: np.ndarray, images: np.ndarra
 def save_grid_and_arrays(png: str, npz: str, grid: np.ndarray,
                          arrays: dict[str, np.ndarray]) -> None:
   """Writes a uint8 grid [H, W, C] as PNG and `arrays` as a compressed npz."""
-  os.makedirs(os.path.dirname(png), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png)
-  np.savez_compressed(npz, **arrays)
+  fileio.write_atomic(png, png_bytes(grid))
+  fileio.save_npz(npz, compressed=True, **arrays)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  """A uint8 image [H, W, C] (C = 1, 3 or 4) encoded as PNG."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format='PNG')
+  return buffer.getvalue()

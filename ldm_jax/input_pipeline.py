@@ -5,7 +5,9 @@ here, so that train and sample steps see one fixed layout whatever the dataset.
 
 Fields of `config.data` (all are read; the config supplies the defaults):
   name: TFDS name, with config and version if needed: 'digits' (embedded, no
-    download), 'mnist', 'cifar10', 'celeb_a_hq/256', ...
+    download), 'mnist', 'cifar10', 'celeb_a_hq/256', ...; or 'folder' for the
+    images under `folder` (see `ldm_jax.datasets.folder`).
+  folder: with name='folder', a directory (local or a `gs://` URI) of images.
   data_dir: TFDS data directory; '' or None means TFDS's default
     (`$TFDS_DATA_DIR` or ~/tensorflow_datasets).
   image_size: output images are image_size x image_size. A non-square source is
@@ -42,6 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import ldm_jax.datasets  # pylint: disable=unused-import  # Registers the embedded builders.
+from ldm_jax.datasets import folder
 from ldm_jax.errors import UserError
 
 # The input pipeline only needs the host CPU; without this, TensorFlow would reserve
@@ -53,6 +56,8 @@ except RuntimeError:
   pass
 
 Batch = dict[str, np.ndarray]
+# `data.name` of an image folder (`data.folder`) read through `ldm_jax.datasets.folder`.
+FOLDER = 'folder'
 # Longest cause quoted in a UserError; TFDS messages can list hundreds of datasets.
 _MAX_REASON_CHARS = 200
 
@@ -80,15 +85,32 @@ def _short_reason(error: BaseException) -> str:
   return f'{type(error).__name__}: {message}' if message else type(error).__name__
 
 
-def _prepared_builder(data_config: Any) -> tfds.core.DatasetBuilder:
+def source_identity(data_config: Any) -> dict[str, str]:
+  """What identifies the data beyond `data.name`, for caches that depend on it: an image
+  folder's contents (`folder.identity`: its path and file names); {} for TFDS datasets."""
+  if data_config.name == FOLDER:
+    return {'folder': folder.identity(data_config.folder)}
+  return {}
+
+
+def prepared_builder(data_config: Any) -> tfds.core.DatasetBuilder:
   """Returns the TFDS builder for `data_config.name`, downloading and preparing it once.
 
   Raises:
     UserError: the name is unknown, or the data cannot be downloaded or prepared.
   """
   name = data_config.name
+  folder_path = data_config.get('folder', '')
+  if folder_path and name != FOLDER:
+    raise UserError(f'config.data.folder={folder_path!r} is set but config.data.name={name!r}; '
+                    f'accepted: data.name={FOLDER!r} with a folder, or data.folder=\'\'')
   try:
-    builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+    if name == FOLDER:
+      builder = folder.builder(folder_path, data_dir=data_config.data_dir or None)
+    else:
+      builder = tfds.builder(name, data_dir=data_config.data_dir or None)
+  except folder.FolderError as e:
+    raise UserError(str(e)) from None
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f'dataset {name!r} not found in TFDS (check data.name)') from None
   except Exception as e:  # pylint: disable=broad-except
@@ -124,6 +146,10 @@ def _source_channels(builder: tfds.core.DatasetBuilder, data_config: Any) -> int
   features = builder.info.features
   name = data_config.name
   for key in (data_config.image_key, data_config.label_key):
+    if key and key not in features and name == FOLDER and key == data_config.label_key:
+      raise UserError(f'the images in data.folder={data_config.folder!r} are not all in class '
+                      f'directories, so there are no labels; accepted: '
+                      f"data.label_key='' and diffusion.conditioning.name other than 'class'")
     if key and key not in features:
       raise UserError(
           f'dataset {name!r} has no feature {key!r} (features: {", ".join(sorted(features))})'
@@ -226,7 +252,7 @@ def create_dataset(
   process_count = jax.process_count() if process_count is None else process_count
   local_batch_size = _local_batch_size(data_config.batch_size, process_count)
 
-  builder = _prepared_builder(data_config)
+  builder = prepared_builder(data_config)
   _check_split(builder, data_config.name, split)
   source_channels = _source_channels(builder, data_config)
 
@@ -330,7 +356,7 @@ def dataset_info(data_config: Any) -> DatasetInfo:
   Raises:
     UserError: the dataset cannot be found or prepared, or lacks a configured feature.
   """
-  builder = _prepared_builder(data_config)
+  builder = prepared_builder(data_config)
   _source_channels(builder, data_config)  # Validates the feature keys.
   num_examples = {name: info.num_examples for name, info in builder.info.splits.items()}
   num_classes = 0

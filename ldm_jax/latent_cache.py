@@ -34,7 +34,7 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from ldm_jax import conditioning, input_pipeline, sharding, stages, text
+from ldm_jax import conditioning, fileio, input_pipeline, observe, sharding, stages, text
 from ldm_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -63,9 +63,9 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params,
   """Everything the cached posteriors and features depend on, as JSON-compatible data.
 
   The autoencoder (parameter hash, architecture, compute dtype), the dataset (name
-  and split; not `data_dir`, which only says where the same data lives), the
-  preprocessing fields of `config.data`, and the conditioner's config section and
-  vocabulary.
+  and split, and an image folder's path and file names; not `data_dir`, which only
+  says where the same data lives), the preprocessing fields of `config.data`, and
+  the conditioner's config section and vocabulary.
   """
   data = config.data
   c = config.diffusion.conditioning
@@ -78,6 +78,8 @@ def fingerprint(config: ml_collections.ConfigDict, ae_params,
       'autoencoder_model': config.autoencoder.model.to_dict(),
       'autoencoder_compute_dtype': config.autoencoder.compute_dtype,
       'dataset': data.name,
+      # An image folder's identity: its path and the names of its files.
+      **input_pipeline.source_identity(data),
       'split': data.train_split,
       **{f'data.{name}': data[name] for name in _PREPROCESSING_FIELDS},
       'conditioning': features,
@@ -94,21 +96,13 @@ def _layout(config: ml_collections.ConfigDict) -> dict:
 
 def _read_json(path: str) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return fileio.read_json(path)
+  except (*fileio.ERRORS, ValueError):
     return None
 
 
-def _write_atomic(path: str, write) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, value: dict) -> None:
-  _write_atomic(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+  fileio.write_json(path, value)
 
 
 def _shard_name(process: int, index: int) -> str:
@@ -120,7 +114,7 @@ def _done_name(process: int) -> str:
 
 
 def _is_complete(directory: str, layout: dict) -> bool:
-  return all(os.path.exists(os.path.join(directory, _done_name(p)))
+  return all(fileio.exists(os.path.join(directory, _done_name(p)))
              for p in range(layout['process_count']))
 
 
@@ -141,9 +135,9 @@ def _plan(directory: str, expected: dict, layout: dict) -> tuple[str, str]:
 
 
 def _wipe(directory: str) -> None:
-  for name in os.listdir(directory):
+  for name in fileio.listdir(directory):
     if name == _FINGERPRINT_FILE or name.startswith(('shard-', 'done-')):
-      os.remove(os.path.join(directory, name))
+      fileio.remove(os.path.join(directory, name))
 
 
 def encode_posterior(ae_params, images: jax.Array, *, autoencoder: nn.Module,
@@ -159,11 +153,11 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
                  vocabulary: text.Vocabulary | None) -> None:
   """Encodes this process's part of the train split into shards it has not written yet."""
   process = jax.process_index()
-  for name in os.listdir(directory):  # A shard being written when the run was killed.
+  for name in fileio.listdir(directory):  # A shard being written when the run was killed.
     if name.endswith('.tmp') and name.startswith(f'shard-p{process:05d}-'):
-      os.remove(os.path.join(directory, name))
+      fileio.remove(os.path.join(directory, name))
   num_done = 0
-  while os.path.exists(os.path.join(directory, _shard_name(process, num_done))):
+  while fileio.exists(os.path.join(directory, _shard_name(process, num_done))):
     num_done += 1
   if jax.process_count() > 1:
     # The encoders are collective over all processes: every process restarts from the
@@ -188,18 +182,22 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
   ds = ds.skip(num_done * layout['batches_per_shard'])
   pending: list[Arrays] = []
   index = num_done
+  # Example counts of the shards written before (read back) and in this pass.
+  counts = [len(fileio.load_npz(os.path.join(directory, _shard_name(process, i)))['label'])
+            for i in range(num_done)]
 
   def flush():
     nonlocal pending, index
     if pending:
       shard = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-      _write_atomic(os.path.join(directory, _shard_name(process, index)),
-                    lambda f: np.savez(f, **shard))
+      fileio.save_npz(os.path.join(directory, _shard_name(process, index)), **shard)
+      counts.append(len(shard['label']))
       index, pending = index + 1, []
 
   # The eval stream gives every process the same number of batches, so the jitted
   # encoders below run in lockstep over all processes.
-  for batch in ds.as_numpy_iterator():
+  for batch in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc='encoding latents'):
     images = sharding.global_batch({'image': batch['image']}, mesh)['image']
     keep = batch['mask'] > 0
     arrays = {'label': batch['label'][keep].astype(np.int32),
@@ -212,9 +210,7 @@ def _encode_part(config: ml_collections.ConfigDict, directory: str, mesh,
     if len(pending) == layout['batches_per_shard']:
       flush()
   flush()
-  shards = [[_shard_name(process, i),
-             int(np.load(os.path.join(directory, _shard_name(process, i)))['label'].shape[0])]
-            for i in range(index)]
+  shards = [[_shard_name(process, i), int(counts[i])] for i in range(index)]
   _write_json(os.path.join(directory, _done_name(process)),
               {'num_examples': sum(n for _, n in shards), 'shards': shards})
 
@@ -231,7 +227,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh, autoencoder: nn
   """
   sharding.check_batch_size(config.data.batch_size, mesh)
   directory = stages.latents_dir(workdir)
-  os.makedirs(directory, exist_ok=True)
+  fileio.makedirs(directory)
   vocabulary = conditioning.load_or_build_vocabulary(config, stages.vocabulary_path(workdir),
                                                      build=True)
   expected, layout = fingerprint(config, ae_params, vocabulary), _layout(config)
@@ -277,8 +273,8 @@ def load(directory: str, process_index: int | None = None,
   parts, start = [], 0
   for name, count in shards:
     if start < hi and start + count > lo:
-      with np.load(os.path.join(directory, name)) as shard:
-        parts.append({k: shard[k][max(lo - start, 0):hi - start] for k in shard.files})
+      shard = fileio.load_npz(os.path.join(directory, name))
+      parts.append({k: v[max(lo - start, 0):hi - start] for k, v in shard.items()})
     start += count
   if not parts:
     raise UserError(f'latent cache {directory} has no examples for process {process_index}')

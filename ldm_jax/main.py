@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import checkpointing, logs, modes, preemption, sharding
+from ldm_jax import checkpointing, logs, modes, observe, preemption, sharding
 from ldm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -73,6 +73,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def options_from_flags() -> modes.Options:
+  """The mode options the parsed command-line flags give."""
+  return modes.Options(num_samples=FLAGS.num_samples,
+                       prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None,
+                       negative_prompts=(tuple(FLAGS.negative_prompt)
+                                         if FLAGS.negative_prompt else None))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
@@ -84,11 +92,8 @@ def main(argv: list[str]) -> None:
                                     FLAGS.process_id)
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)  # One log per run, from process 0.
-    modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir,
-              modes.Options(num_samples=FLAGS.num_samples,
-                            prompts=tuple(FLAGS.prompt) if FLAGS.prompt else None,
-                            negative_prompts=(tuple(FLAGS.negative_prompt)
-                                              if FLAGS.negative_prompt else None)))
+    observe.enable_compilation_cache(FLAGS.config, FLAGS.workdir)
+    modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, options_from_flags())
   except UserError as e:
     _exit_with_error(f'error: {_one_line(e)}')
   except preemption.Preempted as e:

@@ -151,7 +151,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: O
     denoiser, state = train.train_diffusion(
         config, workdir, mesh, autoencoder, ae_params,
         make_hooks=training_hooks(config, workdir, mesh, autoencoder, ae_params))
-  writer = stages.summary_writer(workdir, 'diffusion')
+  writer = stages.summary_writer(workdir, 'diffusion', config)
   _write_samples(config, workdir, mesh, stages.Trained(denoiser, state, autoencoder, ae_params),
                  config.sample.num_samples, writer)
 
@@ -197,7 +197,7 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options: Op
   """
   del options
   trained = stages.restore_trained(config, workdir, mesh)
-  writer = stages.summary_writer(workdir, 'diffusion')
+  writer = stages.summary_writer(workdir, 'diffusion', config)
   return evaluation.run_evaluation(config, workdir, mesh, trained.denoiser, trained.state,
                                    trained.autoencoder, trained.ae_params, writer)
 
@@ -331,10 +331,13 @@ _MODE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, Options], None]] = 
 }
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
-        options: Options = Options()):
-  """Validates `config` for `mode`, holds the workdir's lock, builds the mesh, and runs the
-  mode; returns its result."""
+def check(mode: str, config: ml_collections.ConfigDict, options: Options = Options()) -> Mode:
+  """What `run` checks before any work (the mode exists for this config; the config and
+  the mode's options are valid), without touching a workdir; returns the mode.
+
+  Raises:
+    UserError: one line naming what is wrong.
+  """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; accepted: {", ".join(MODES)}')
   if sd_modes.is_stable_diffusion(config):
@@ -350,8 +353,16 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   if mode in mode_checks:
     mode_checks[mode](config, options)
+  return modes[mode]
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
+        options: Options = Options()):
+  """Validates `config` for `mode` (`check`), holds the workdir's lock, builds the mesh, and
+  runs the mode; returns its result."""
+  mode_fn = check(mode, config, options)
   with workdir_lock.hold(workdir):  # One run per workdir.
     mesh = sharding.make_mesh(mesh_shape=config.mesh_shape)
     logging.info('devices: %d (%s), processes: %d, mesh: %s', jax.device_count(),
                  jax.devices()[0].platform, jax.process_count(), dict(mesh.shape))
-    return modes[mode](config, workdir, mesh, options)
+    return mode_fn(config, workdir, mesh, options)

@@ -16,7 +16,6 @@ Weights are read from local files (nothing is downloaded):
     lpips_fn, params = perceptual.load_lpips(vgg_path, lin_path)
     distances = lpips_fn(params, x, y)   # x, y: [B, H, W, C] in [-1, 1] -> [B]
 """
-import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 from ldm_jax.models import inception
 
@@ -141,11 +141,10 @@ def read_weights(path: str, what: str) -> dict[str, np.ndarray]:
   """A state dict from a .pth (torch zip or legacy format), .npz or .safetensors file."""
   if not path:
     raise UserError(f'{what}: no file given')
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f'{what} {path!r}: no such file')
   if path.endswith('.npz'):
-    with np.load(path) as f:
-      return dict(f)
+    return fileio.load_npz(path)
   if path.endswith('.safetensors'):
     return inception.read_safetensors(path)
   return inception.read_torch_state_dict(path, what)

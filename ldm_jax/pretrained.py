@@ -38,6 +38,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 from ldm_jax.models import AutoencoderKL, UNet, VQModel
 
@@ -101,17 +102,16 @@ _UNET_FIXED = dict(
 
 def read_config(path: str) -> dict[str, Any]:
   """The parsed `config.json` of the diffusers folder `path`."""
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise UserError(f'{path!r} is not a diffusers model folder (a directory with '
                     f'{CONFIG_FILE} and {WEIGHTS_FILE})')
   file = os.path.join(path, CONFIG_FILE)
-  try:
-    with open(file) as f:
-      config = json.load(f)
-  except FileNotFoundError as e:
+  if not fileio.exists(file):
     raise UserError(f'{path!r} has no {CONFIG_FILE}; a diffusers model folder holds '
-                    f'{CONFIG_FILE} and {WEIGHTS_FILE}') from e
-  except (OSError, json.JSONDecodeError) as e:
+                    f'{CONFIG_FILE} and {WEIGHTS_FILE}')
+  try:
+    config = fileio.read_json(file)
+  except (*fileio.ERRORS, json.JSONDecodeError) as e:
     raise UserError(f'cannot read {file}: {e}') from e
   if not isinstance(config, dict):
     raise UserError(f'{file} does not hold a JSON object')
@@ -120,10 +120,11 @@ def read_config(path: str) -> dict[str, Any]:
 
 def read_safetensors(file: str, missing: str) -> dict[str, np.ndarray]:
   """All tensors of a safetensors `file`; `missing` is the one-line error when it does not exist."""
-  if not os.path.isfile(file):
+  if not fileio.isfile(file):
     raise UserError(missing)
   try:
-    return safetensors.numpy.load_file(file)
+    with fileio.open(file, 'rb') as f:
+      return safetensors.numpy.load(f.read())
   except Exception as e:  # safetensors raises its own error types for a bad file.
     raise UserError(f'cannot read {file}: {str(e).splitlines()[0] if str(e) else e!r}') from e
 
@@ -142,7 +143,7 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 def weights_hash(path: str) -> str:
   """SHA-256 of the folder's safetensors file: identifies the exact base weights."""
   digest = hashlib.sha256()
-  with open(os.path.join(path, WEIGHTS_FILE), 'rb') as f:
+  with fileio.open(os.path.join(path, WEIGHTS_FILE), 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 24), b''):
       digest.update(chunk)
   return digest.hexdigest()
@@ -150,14 +151,10 @@ def weights_hash(path: str) -> str:
 
 def write_folder(path: str, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
   """Writes `config.json` and the safetensors file; each replaces its old version atomically."""
-  os.makedirs(path, exist_ok=True)
   weights, config_file = os.path.join(path, WEIGHTS_FILE), os.path.join(path, CONFIG_FILE)
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                              weights + '.tmp', metadata={'format': 'pt'})
-  with open(config_file + '.tmp', 'w') as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
-  os.replace(weights + '.tmp', weights)
-  os.replace(config_file + '.tmp', config_file)
+  fileio.write_atomic(weights, safetensors.numpy.save(
+      {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={'format': 'pt'}))
+  fileio.write_atomic(config_file, json.dumps(dict(config), indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------ tensor mapping -----

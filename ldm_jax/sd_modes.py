@@ -29,7 +29,6 @@ of (seed, step), so a resumed run equals an uninterrupted one.
 """
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,10 +39,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from PIL import Image
 
-from ldm_jax import (checkpointing, diffusion, editing, input_pipeline, latent_cache, lora,
-                     optim, preemption, schedulers, sharding, stages, train, train_state)
+from ldm_jax import (checkpointing, diffusion, editing, fileio, input_pipeline, latent_cache,
+                     lora, observe, optim, preemption, schedulers, sharding, stages, train,
+                     train_state)
+from ldm_jax import images as image_io
 from ldm_jax import stable_diffusion as sd
 from ldm_jax.errors import UserError
 
@@ -70,6 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.diffusion.cache_latents and config.data.random_flip:
     raise UserError('config.diffusion.cache_latents=True caches unflipped images; accepted: '
                     'config.data.random_flip=False')
+  observe.check_report_to(config.train.get('report_to', 'tensorboard'))
   lora_config = config.diffusion.lora
   if lora_config.rank < 0 or (lora_config.rank and not lora_config.targets):
     raise UserError(f'config.diffusion.lora.rank={lora_config.rank} with targets='
@@ -158,17 +159,13 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], froze
 def _record_base(workdir: str, pretrained: str) -> None:
   """Records which pipeline the run fine-tunes; a rerun with another one stops."""
   record = stages.pretrained_record_path(workdir)
-  if os.path.exists(record):
-    with open(record) as f:
-      recorded = json.load(f)['pretrained']
+  if fileio.exists(record):
+    recorded = fileio.read_json(record)['pretrained']
     if recorded != pretrained:
       raise UserError(f'config.pretrained={pretrained!r}, but {workdir} fine-tunes '
                       f'{recorded!r}; accepted: that pipeline, or a new workdir')
   elif jax.process_index() == 0:
-    os.makedirs(os.path.dirname(record), exist_ok=True)
-    with open(record + '.tmp', 'w') as f:
-      json.dump({'pretrained': pretrained}, f)
-    os.replace(record + '.tmp', record)
+    fileio.write_json(record, {'pretrained': pretrained})
 
 
 def _batches(config: ml_collections.ConfigDict, pipe: sd.StableDiffusion, mesh,
@@ -190,6 +187,7 @@ def _batches(config: ml_collections.ConfigDict, pipe: sd.StableDiffusion, mesh,
 def _cache_fingerprint(config, pipe: sd.StableDiffusion) -> dict:
   data = {k: config.data[k] for k in ('name', 'train_split', 'image_size', 'num_channels',
                                       'image_key', 'caption_key')}
+  data.update(input_pipeline.source_identity(config.data))  # An image folder's contents.
   return {'pretrained': config.pretrained, 'data': data,
           'vae': latent_cache.params_sha256(pipe.params['vae']),
           'text_encoder': latent_cache.params_sha256(pipe.params['text_encoder'])}
@@ -211,12 +209,10 @@ def build_cache(config, workdir: str, pipe: sd.StableDiffusion) -> dict[str, np.
   directory = stages.sd_latents_dir(workdir)
   file, record = os.path.join(directory, 'cache.npz'), os.path.join(directory, 'fingerprint.json')
   expected = _cache_fingerprint(config, pipe)
-  if os.path.exists(file) and os.path.exists(record):
-    with open(record) as f:
-      if json.load(f) == expected:
-        logging.info('%s: reusing the latent and caption cache in %s', STAGE, directory)
-        with np.load(file) as cached:
-          return {k: cached[k] for k in cached.files}
+  if fileio.exists(file) and fileio.exists(record):
+    if fileio.read_json(record) == expected:
+      logging.info('%s: reusing the latent and caption cache in %s', STAGE, directory)
+      return fileio.load_npz(file)
     logging.info('%s: the cache in %s is for other settings; rebuilding', STAGE, directory)
   key = config.data.caption_key
   ds = input_pipeline.create_dataset(config.data, config.data.train_split, train=False,
@@ -224,7 +220,8 @@ def build_cache(config, workdir: str, pipe: sd.StableDiffusion) -> dict[str, np.
                                      features=lambda example, image: {'caption': example[key]})
   encode_images = jax.jit(lambda p, x: pipe.vae.apply({'params': p}, x, method=pipe.vae.encode))
   parts = []
-  for batch in ds.as_numpy_iterator():
+  for batch in observe.progress(ds.as_numpy_iterator(), total=observe.known_length(ds),
+                                desc='encoding latents and captions'):
     keep = batch['mask'] > 0
     captions = [c.decode('utf-8') for c in batch['caption']]
     mean, logvar = encode_images(pipe.params['vae'], batch['image'])
@@ -232,13 +229,8 @@ def build_cache(config, workdir: str, pipe: sd.StableDiffusion) -> dict[str, np.
                   'context': np.asarray(pipe.encode_prompt(captions))[keep]})
   arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   arrays['label'] = np.zeros(len(arrays['context']), np.int32)
-  os.makedirs(directory, exist_ok=True)
-  with open(file + '.tmp', 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(file + '.tmp', file)
-  with open(record + '.tmp', 'w') as f:
-    json.dump(expected, f, indent=2)
-  os.replace(record + '.tmp', record)
+  fileio.save_npz(file, **arrays)
+  fileio.write_json(record, expected)
   logging.info('%s: cached %d latents and caption embeddings in %s', STAGE,
                len(arrays['label']), directory)
   return arrays
@@ -315,7 +307,7 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
   abar = jax.device_put(schedulers.alphas_cumprod(pipe.scheduler), replicated)
   spec = _spec(config, pipe)
   step_fn = lambda state, batch: train_step(state, batch, frozen, abar, spec=spec)
-  writer = stages.summary_writer(workdir, STAGE)
+  writer = stages.summary_writer(workdir, STAGE, config)
   if config.diffusion.cache_latents:
     batches = _cached_batches(config, pipe, mesh, build_cache(config, workdir, pipe), start)
   else:
@@ -323,7 +315,8 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
   with preemption.handle_sigterm():
     state = train._run_stage(  # pylint: disable=protected-access
         STAGE, state, step_fn, batches, num_train_steps=config.diffusion.num_train_steps,
-        manager=manager, writer=writer, config=config)
+        manager=manager, writer=writer, config=config,
+        log_dir=stages.tensorboard_dir(workdir, STAGE))
   if config.diffusion.lora.rank and jax.process_index() == 0:
     sd.save_lora(jax.device_get(state.ema_params), _lora_scale(config), pipe.params['unet'],
                  stages.lora_dir(workdir))
@@ -334,7 +327,7 @@ def trained_unet_params(config: ml_collections.ConfigDict, workdir: str,
                         pipe: sd.StableDiffusion, mesh
                         ) -> tuple[Params, Params | None, int] | None:
   """(U-Net params, LoRA adapters or None, step) of WORKDIR's latest checkpoint, or None."""
-  if not os.path.isdir(stages.checkpoint_dir(workdir, STAGE)):
+  if not fileio.isdir(stages.checkpoint_dir(workdir, STAGE)):
     return None
   manager = _manager(config, workdir, read_only=True)
   if manager.latest_step() is None:
@@ -365,12 +358,10 @@ def _prompts(prompts: Sequence[str] | None, negative: Sequence[str] | None
 
 
 def _save_images(images: np.ndarray, directory: str, stem: str) -> list[str]:
-  os.makedirs(directory, exist_ok=True)
   paths = []
   for i, image in enumerate(np.asarray(images)):
     path = os.path.join(directory, f'{stem}_{i:03d}.png')
-    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path + '.tmp.png')
-    os.replace(path + '.tmp.png', path)
+    fileio.write_atomic(path, image_io.png_bytes(np.round(image * 255).astype(np.uint8)))
     paths.append(path)
   return paths
 
@@ -394,7 +385,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str, mesh, options) 
   count = options.num_samples or config.sample.num_samples
   size = config.sample.image_size or None
   images = []
-  for i in range(count):
+  for i in observe.progress(range(count), desc='sampling'):  # One batch: every prompt.
     images.append(np.asarray(pipe(
         prompts, negative, num_steps=config.sample.num_steps,
         guidance_scale=config.sample.guidance_scale, method=config.sample.method,
@@ -413,7 +404,7 @@ def merge_lora_mode(config: ml_collections.ConfigDict, workdir: str, mesh, optio
   """Writes the fine-tuned pipeline as WORKDIR/export (and the LoRA file); returns the folder."""
   del options
   export = stages.export_dir(workdir)
-  if os.path.exists(export):
+  if fileio.exists(export):
     raise UserError(f'{export} already exists; accepted: remove it first')
   pipe = sd.load(config.pretrained)
   trained = trained_unet_params(config, workdir, pipe, mesh)

@@ -26,8 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +35,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from ldm_jax import clip_tokenizer, models, pretrained, schedulers
+from ldm_jax import clip_tokenizer, fileio, models, pretrained, schedulers
 from ldm_jax.errors import UserError
 from ldm_jax.models import AutoencoderKL, UNet
 from ldm_jax.models.clip import ACTIVATIONS, CLIPTextModel
@@ -101,12 +99,12 @@ _TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
 
 
 def _read_json(file: str, what: str) -> dict[str, Any]:
+  if not fileio.exists(file):
+    raise UserError(f'{os.path.dirname(file)!r} has no {os.path.basename(file)} ({what})')
   try:
-    with open(file, encoding='utf-8') as f:
-      value = json.load(f)
-  except FileNotFoundError as e:
-    raise UserError(f'{os.path.dirname(file)!r} has no {os.path.basename(file)} ({what})') from e
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    with fileio.open(file, 'rb') as f:
+      value = json.loads(f.read().decode('utf-8'))
+  except (*fileio.ERRORS, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f'cannot read {file}: {e}') from e
   if not isinstance(value, dict):
     raise UserError(f'{file} does not hold a JSON object')
@@ -358,9 +356,9 @@ class StableDiffusion:
 
 def _resolve(path_or_repo_id: str) -> str:
   """A local folder, or the Hub snapshot of a repo id."""
-  if os.path.isdir(path_or_repo_id):
+  if fileio.isdir(path_or_repo_id):
     return path_or_repo_id
-  if os.path.exists(path_or_repo_id):
+  if fileio.exists(path_or_repo_id):
     raise UserError(f'{path_or_repo_id!r} is a file; accepted: a diffusers Stable Diffusion '
                     f'folder (with {MODEL_INDEX}) or a Hub repo id')
   parts = path_or_repo_id.split('/')
@@ -390,7 +388,7 @@ def _check_model_index(path: str) -> dict[str, Any]:
     if accepted and entry[1] not in accepted:
       raise UserError(f'{source}: {component} is a {entry[1]}, which is not supported; '
                       f'accepted: {", ".join(accepted)}')
-    if not os.path.isdir(os.path.join(path, component)):
+    if not fileio.isdir(os.path.join(path, component)):
       raise UserError(f'{path!r} has no {component}/ folder ({MODEL_INDEX} names it)')
   return index
 
@@ -457,13 +455,12 @@ def load(path_or_repo_id: str) -> StableDiffusion:
 
 
 def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray]) -> None:
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, file,
-                              metadata={'format': 'pt'})
+  fileio.write_atomic(file, safetensors.numpy.save(
+      {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={'format': 'pt'}))
 
 
 def _write_json(file: str, value: Mapping[str, Any]) -> None:
-  with open(file, 'w', encoding='utf-8') as f:
-    json.dump(dict(value), f, indent=2, sort_keys=True)
+  fileio.write_atomic(file, json.dumps(dict(value), indent=2, sort_keys=True).encode('utf-8'))
 
 
 def save(pipe: StableDiffusion, path: str, *, unet_params: Params | None = None) -> None:
@@ -475,12 +472,14 @@ def save(pipe: StableDiffusion, path: str, *, unet_params: Params | None = None)
     unet_params: U-Net parameters to write instead of `pipe.params['unet']` (e.g.
       fine-tuned or LoRA-merged ones).
   """
-  if os.path.exists(path):
+  if fileio.exists(path):
     raise UserError(f'{path!r} already exists; accepted: a new folder')
   unet_params = pipe.params['unet'] if unet_params is None else unet_params
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.sd_export_', dir=parent)
+  path = fileio.absolute(path).rstrip('/')
+  # Written beside `path`, then renamed; leftovers of an interrupted export are replaced.
+  staging = f'{path}.partial'
+  if fileio.exists(staging):
+    fileio.rmtree(staging)
   try:
     index = {'_class_name': 'StableDiffusionPipeline',
              '_diffusers_version': pipe.configs['model_index'].get('_diffusers_version', '0.30.0'),
@@ -492,11 +491,9 @@ def save(pipe: StableDiffusion, path: str, *, unet_params: Params | None = None)
              'tokenizer': ['transformers', 'CLIPTokenizer'],
              'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL']}
     _write_json(os.path.join(staging, MODEL_INDEX), index)
-    os.makedirs(os.path.join(staging, 'scheduler'))
     _write_json(os.path.join(staging, 'scheduler', SCHEDULER_CONFIG), pipe.configs['scheduler'])
     pipe.tokenizer.save(os.path.join(staging, 'tokenizer'))
     text_dir = os.path.join(staging, 'text_encoder')
-    os.makedirs(text_dir)
     _write_json(os.path.join(text_dir, pretrained.CONFIG_FILE), pipe.configs['text_encoder'])
     _write_safetensors(os.path.join(text_dir, TEXT_ENCODER_WEIGHTS),
                        pretrained.state_dict(pipe.params['text_encoder']))
@@ -504,9 +501,10 @@ def save(pipe: StableDiffusion, path: str, *, unet_params: Params | None = None)
                             pretrained.state_dict(unet_params))
     pretrained.write_folder(os.path.join(staging, 'vae'), pipe.configs['vae'],
                             pretrained.state_dict(pipe.params['vae']))
-    os.replace(staging, path)
+    fileio.rename(staging, path)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if fileio.exists(staging):
+      fileio.rmtree(staging)
     raise
 
 
@@ -548,10 +546,8 @@ def save_lora(adapters: Params, scale: float, unet_params: Params, path: str) ->
     The file written.
   """
   tensors = lora_state_dict(adapters, scale, unet_params)
-  os.makedirs(path, exist_ok=True)
   file = os.path.join(path, LORA_FILE)
-  _write_safetensors(file + '.tmp', tensors)
-  os.replace(file + '.tmp', file)
+  _write_safetensors(file, tensors)  # Atomic: through a temporary file.
   return file
 
 

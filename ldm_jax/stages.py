@@ -31,10 +31,9 @@ import ml_collections
 import optax
 from absl import logging
 from flax import linen as nn
-from flax.metrics import tensorboard
 
-from ldm_jax import builders, checkpointing, conditioning, config_check, finetune, first_stage
-from ldm_jax import models, optim
+from ldm_jax import builders, checkpointing, conditioning, config_check, fileio, finetune
+from ldm_jax import first_stage, models, observe, optim
 from ldm_jax import pretrained, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState, create_train_state
@@ -106,13 +105,14 @@ def export_lora_dir(workdir: str) -> str:
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` or stops with one line when it cannot be written."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w') as f:
+    with fileio.open(probe, 'w') as f:
       f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+    fileio.remove(probe)
+  except fileio.ERRORS as e:
+    reason = e.strerror if isinstance(e, OSError) else e.message
+    raise UserError(f'workdir {workdir!r} is not writable: {reason or e}') from e
 
 
 def config_path(workdir: str, version: int | None = None) -> str:
@@ -147,24 +147,21 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   path = config_path(workdir)
   text = config.to_json_best_effort(indent=2)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
+  if fileio.exists(path):
+    if fileio.read_text(path) == text:
+      return
     version = 1
-    while os.path.exists(config_path(workdir, version)):
+    while fileio.exists(config_path(workdir, version)):
       version += 1
-    os.rename(path, config_path(workdir, version))
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+    fileio.rename(path, config_path(workdir, version))
+  fileio.write_atomic(path, text)
 
 
-def summary_writer(workdir: str, stage: str):
-  """The stage's TensorBoard writer on process 0, None elsewhere."""
-  if jax.process_index() == 0:
-    return tensorboard.SummaryWriter(tensorboard_dir(workdir, stage))
-  return None
+def summary_writer(workdir: str, stage: str,
+                   config: ml_collections.ConfigDict | None = None) -> observe.Writer | None:
+  """The stage's TensorBoard writer on process 0 (and W&B with config.train.report_to='wandb'),
+  None elsewhere."""
+  return observe.summary_writer(tensorboard_dir(workdir, stage), config, workdir)
 
 
 # ------------------------------------------------------------ state init ----
@@ -276,7 +273,7 @@ def autoencoder_checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) 
   """Stage-1 checkpoints: this run's, or those of `config.autoencoder.workdir`."""
   if config.autoencoder.workdir:
     directory = checkpoint_dir(config.autoencoder.workdir, 'autoencoder')
-    if not os.path.isdir(directory):
+    if not fileio.isdir(directory):
       raise UserError(f'config.autoencoder.workdir={config.autoencoder.workdir!r} has no '
                       f'autoencoder checkpoints ({directory} not found)')
     return directory
@@ -298,7 +295,7 @@ def restore_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
     return builders.build_autoencoder(config), jax.device_put(params, sharding.replicated(mesh))
   model, _, _, abstract = autoencoder_setup(config, mesh)
   ckpt_dir = autoencoder_checkpoint_dir(config, workdir)
-  if not os.path.isdir(ckpt_dir):
+  if not fileio.isdir(ckpt_dir):
     raise UserError(f'no autoencoder checkpoint in {ckpt_dir}; run --mode=train first')
   check_config(config, workdir, ('autoencoder',))
   # Another run's checkpoints are only read; this run's unusable ones are moved aside.
@@ -324,7 +321,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, mesh) -> Tr
   Both stages' stored configs are compared with `config` first (`check_config`).
   """
   ckpt_dir = checkpoint_dir(workdir, 'diffusion')
-  if not os.path.isdir(ckpt_dir):
+  if not fileio.isdir(ckpt_dir):
     raise UserError(f'no diffusion checkpoint in {ckpt_dir}; run --mode=train first')
   denoiser, _, _, abstract = diffusion_setup(config, mesh)
   check_config(config, workdir, ('diffusion', 'autoencoder'))  # Before any checkpoint moves.

@@ -20,12 +20,12 @@ The vocabulary is stored as a text file, one word per line, id = line number
 from __future__ import annotations
 
 import collections
-import os
 import re
 from collections.abc import Iterable
 
 import numpy as np
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 
 PAD, CLS, UNK = 0, 1, 2
@@ -72,16 +72,11 @@ class Vocabulary:
 
   def save(self, path: str) -> None:
     """Writes one token per line (atomically: a temporary file, then a rename)."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-      f.write('\n'.join(self.tokens) + '\n')
-    os.replace(tmp, path)
+    fileio.write_atomic(path, '\n'.join(self.tokens) + '\n')
 
   @classmethod
   def load(cls, path: str) -> Vocabulary:
-    with open(path) as f:
-      return cls(line.rstrip('\n') for line in f if line.rstrip('\n'))
+    return cls(line for line in fileio.read_text(path).split('\n') if line)
 
   def encode(self, caption: str, max_length: int, *, strict: bool = False) -> np.ndarray:
     """[max_length] int32 ids of [CLS] + the caption's words, padded with [PAD].

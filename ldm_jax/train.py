@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, grad_accum
 from ldm_jax import images as image_io
-from ldm_jax import input_pipeline, latent_cache, losses, pretrained, preemption, sharding
-from ldm_jax import first_stage, stages
+from ldm_jax import input_pipeline, latent_cache, losses, observe, pretrained, preemption
+from ldm_jax import first_stage, sharding, stages
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState
 
@@ -164,17 +164,22 @@ def _check_finite(stage: str, step: int, metrics: dict[str, float],
 def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterator[Batch],
                *, num_train_steps: int, manager, writer, config: ml_collections.ConfigDict,
                on_images: Callable[[TrainState], None] | None = None,
-               on_eval: Callable[[TrainState], None] | None = None) -> TrainState:
+               on_eval: Callable[[TrainState], None] | None = None,
+               log_dir: str = '') -> TrainState:
   """Steps `state` to `num_train_steps` with logging, checkpoints, images and evaluations."""
   train_config = config.train
   start = int(jax.device_get(state.step))
   is_main = jax.process_index() == 0
   history: list[Metrics] = []
   last_time, last_step = time.perf_counter(), start
+  profiler = observe.StepProfiler(train_config.get('profile_steps', 0) if log_dir else 0,
+                                  start, log_dir)
   with tqdm.tqdm(total=num_train_steps, initial=start, desc=stage, unit='step',
                  disable=not is_main, dynamic_ncols=True, mininterval=1.0) as bar:
     for step in range(start + 1, num_train_steps + 1):
+      profiler.before(step)
       state, metrics = step_fn(state, next(batches))
+      profiler.after(step, metrics)
       history.append(metrics)
       bar.update(1)
       final = step == num_train_steps
@@ -205,6 +210,7 @@ def _run_stage(stage: str, state: TrainState, step_fn: Callable, batches: Iterat
         on_images(state)
       if on_eval and train_config.eval_every and step % train_config.eval_every == 0:
         on_eval(state)
+  profiler.stop()
   checkpointing.finish(manager)
   return state
 
@@ -241,7 +247,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
                           lr_schedule=lr_schedule),
         in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
         donate_argnums=0)
-  writer = stages.summary_writer(workdir, 'autoencoder')
+  writer = stages.summary_writer(workdir, 'autoencoder', config)
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
                         in_shardings=(state_sharding.ema_params, data), out_shardings=data)
@@ -258,7 +264,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
 
   state = _run_stage('autoencoder', state, step_fn, _train_batches(config, mesh, int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
-                     on_images=on_images)
+                     on_images=on_images, log_dir=stages.tensorboard_dir(workdir, 'autoencoder'))
   psnr = reconstruction_psnr(reconstruct, state.ema_params, eval_batches)
   logging.info('autoencoder: %s-split reconstruction PSNR %.2f dB', config.data.eval_split, psnr)
   if jax.process_index() == 0:
@@ -412,12 +418,13 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
       in_shardings=(state_sharding, data, replicated, replicated),
       out_shardings=(state_sharding, replicated), donate_argnums=0)
   schedule = builders.make_schedule(config)
-  writer = stages.summary_writer(workdir, 'diffusion')
+  writer = stages.summary_writer(workdir, 'diffusion', config)
   on_images, on_eval = make_hooks(denoiser, writer) if make_hooks else (None, None)
   with_full = lambda hook: hook and (
       lambda state: hook(finetune.with_full_params(config, state, base)))
   state = _run_stage('diffusion', state, lambda s, b: step_fn(s, b, schedule, base),
                      latents().batches(int(state.step)),
                      num_train_steps=num_steps, manager=manager, writer=writer, config=config,
-                     on_images=with_full(on_images), on_eval=with_full(on_eval))
+                     on_images=with_full(on_images), on_eval=with_full(on_eval),
+                     log_dir=stages.tensorboard_dir(workdir, 'diffusion'))
   return denoiser, finetune.with_full_params(config, state, base)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import jax
 from jax.experimental import multihost_utils
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 
 LOCK_FILE = '.lock'
@@ -32,35 +33,33 @@ def _alive(pid: int) -> bool:
 
 def _holder(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return fileio.read_json(path)
+  except (*fileio.ERRORS, ValueError):
     return {}
 
 
 def _try_create(path: str) -> bool:
-  try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, 'w') as f:
-    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}, f)
-  return True
+  return fileio.create_exclusive(path, json.dumps(
+      {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}))
+
+
+def _reason(e: BaseException) -> str:
+  return (e.strerror if isinstance(e, OSError) else getattr(e, 'message', '')) or str(e)
 
 
 def acquire(workdir: str) -> str:
   """Creates the lock of `workdir` (making the directory) or raises `UserError`."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+    fileio.makedirs(workdir)
+  except fileio.ERRORS as e:
+    raise UserError(f'workdir {workdir!r} is not writable: {_reason(e)}') from e
   path = os.path.join(workdir, LOCK_FILE)
   for _ in range(2):
     try:
       if _try_create(path):
         return path
-    except OSError as e:
-      raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from e
+    except fileio.ERRORS as e:
+      raise UserError(f'workdir {workdir!r} is not writable: {_reason(e)}') from e
     holder = _holder(path)
     host, pid = holder.get('host'), holder.get('pid')
     stale = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
@@ -68,20 +67,20 @@ def acquire(workdir: str) -> str:
       who = f'host {host}, pid {pid}' if host else 'an unreadable lock'
       raise UserError(f'workdir {workdir} is in use by another run ({who}); if that run is '
                       f'gone, delete {path}')
-    os.remove(path)  # Its holder died (e.g. SIGKILL): take it over.
+    fileio.remove(path)  # Its holder died (e.g. SIGKILL): take it over.
   raise UserError(f'could not take the lock {path}')
 
 
 def release(path: str) -> None:
   """Removes the lock at `path` if this process still holds it."""
   if _holder(path).get('pid') == os.getpid() and _holder(path).get('host') == socket.gethostname():
-    os.remove(path)
+    fileio.remove(path)
 
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
   """Holds the lock of `workdir` (on process 0; all processes agree) while active."""
-  created = not os.path.exists(workdir)
+  created = not fileio.exists(workdir)
   path, error = None, None
   if jax.process_index() == 0:
     try:
@@ -99,6 +98,5 @@ def hold(workdir: str) -> Iterator[None]:
   finally:
     if path is not None:
       release(path)
-      if created:
-        with contextlib.suppress(OSError):
-          os.rmdir(workdir)  # Only when empty: a run that failed its checks leaves nothing.
+      if created:  # Only when empty: a run that failed its checks leaves nothing.
+        fileio.remove_empty_dir(workdir)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import fileio
 from ldm_jax.errors import UserError
 
 INPUT_SIZE = 299
@@ -309,14 +310,14 @@ class _PendingTensor:
     self.args = args
 
 
-def _read_legacy_torch(path: str, label: str) -> dict:
+def _read_legacy_torch(f: io.BytesIO, path: str, label: str) -> dict:
   """Reads the pre-1.6 `torch.save` format: pickles followed by the raw storages.
 
   The file holds the magic number, protocol version and system info pickles, the
   object pickle (storages as persistent ids), the sorted storage keys, then for each
   key an int64 element count and the little-endian bytes.
   """
-  with open(path, 'rb') as f:
+  with f:
     try:
       if pickle.load(f) != _LEGACY_MAGIC:
         raise UserError(f'{label} {path}: not a torch checkpoint')
@@ -363,8 +364,10 @@ def read_torch_state_dict(path: str, label: str = 'Inception weights') -> dict[s
     path: the file.
     label: names the file's role in error messages.
   """
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
+  with fileio.open(path, 'rb') as f:
+    source = io.BytesIO(f.read())  # Remote files cannot be seeked cheaply.
+  if zipfile.is_zipfile(source):
+    with zipfile.ZipFile(source) as archive:
       pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
       if not pickles:
         raise UserError(f'{label} {path}: no data.pkl in the archive')
@@ -374,12 +377,12 @@ def read_torch_state_dict(path: str, label: str = 'Inception weights') -> dict[s
       except (pickle.UnpicklingError, KeyError, ValueError) as e:
         raise UserError(f'{label} {path}: cannot read: {e}') from e
   else:
-    with open(path, 'rb') as f:
-      legacy = f.read(2) == b'\x80\x02'  # Pickle protocol 2: the legacy format's header.
-    if not legacy:
+    source.seek(0)
+    if source.read(2) != b'\x80\x02':  # Pickle protocol 2: the legacy format's header.
       raise UserError(f'{label} {path}: not a torch zip checkpoint (nor the legacy format); '
                       f'accepted: .pth from torch.save, .npz or .safetensors')
-    state_dict = _read_legacy_torch(path, label)
+    source.seek(0)
+    state_dict = _read_legacy_torch(source, path, label)
   if not isinstance(state_dict, dict):
     raise UserError(f'{label} {path}: holds a {type(state_dict).__name__}, not a state dict')
   return dict(state_dict)
@@ -387,7 +390,7 @@ def read_torch_state_dict(path: str, label: str = 'Inception weights') -> dict[s
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors file (8-byte header length, JSON header, raw data)."""
-  with open(path, 'rb') as f:
+  with fileio.open(path, 'rb') as f:
     header_size = int.from_bytes(f.read(8), 'little')
     header = json.loads(f.read(header_size))
     data = f.read()
@@ -406,12 +409,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A state dict from a .pth (torch zip), .npz or .safetensors file."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f'config.eval.inception_weights={path!r}: no such file; download '
                     f'{WEIGHTS_FILE} (see README, Evaluation)')
   if path.endswith('.npz'):
-    with np.load(path) as f:
-      return dict(f)
+    return fileio.load_npz(path)
   if path.endswith('.safetensors'):
     return read_safetensors(path)
   return read_torch_state_dict(path)
@@ -419,7 +421,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with fileio.open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   return digest.hexdigest()
