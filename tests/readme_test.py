@@ -287,6 +287,8 @@ def cover(command: Command, workspace: pathlib.Path) -> Coverage:
     return _cover_bench(argv[3:])
   if program == 'python' and argv[1:3] == ['-m', 'ldm_jax.ablate']:
     return _cover_ablate(argv[3:])
+  if program == 'python' and argv[1] == 'benchmarks/side_by_side.py':
+    return _cover_side_by_side(argv[2:])
   if program == 'tensorboard':
     assert shutil.which('tensorboard', path=os.path.dirname(sys.executable)), 'not installed'
     assert _flag(argv, 'logdir')
@@ -368,6 +370,16 @@ def _parse_absl(module, argv: list[str]) -> list[str]:
     return flags.FLAGS(sys.argv)
   finally:
     sys.argv = saved
+
+
+def _cover_side_by_side(args: list[str]) -> Coverage:
+  """Its plan and commands (--dry_run builds nothing); the timing itself needs PyTorch."""
+  result = subprocess.run([sys.executable, 'benchmarks/side_by_side.py', *args, '--dry_run'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'ldm_jax.bench' in result.stdout, result.stdout[-3000:]
+  return Coverage('run with --dry_run (the timing needs a PyTorch environment)',
+                  e2e=['side_by_side_test.py::test_side_by_side_against_diffusers'])
 
 
 def _cover_bench(args: list[str]) -> Coverage:
