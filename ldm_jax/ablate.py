@@ -15,8 +15,9 @@ A sweep file defines `get_sweep()` returning a dict:
                (a variant's own config must then have the same data and stage 1).
     samplers:  optional [{'name': 'ddim50', 'method': 'ddim', 'num_steps': 50}, ...]:
                each run is trained once and evaluated once per sampler, the other
-               keys being `config.sample` fields; without it, once with the config's
-               own sampler.
+               keys being `config.sample` fields (or dotted config paths, such as
+               'eval.num_samples', applied to that evaluation only); without it, once
+               with the config's own sampler.
 
 Every run's metrics use one evaluation classifier, WORKDIR/eval_classifier (unless the
 sweep sets `eval.classifier_dir`), so all runs are measured in the same feature space.
@@ -60,6 +61,7 @@ flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
 flags.DEFINE_string('workdir', None, 'Root of the runs: WORKDIR/<variant>/seed_<seed>.')
 flags.DEFINE_bool('dry_run', False, 'Print the commands, one line per run; run nothing.')
 flags.DEFINE_list('only', [], 'Run only these variants (names); all when empty.')
+flags.DEFINE_list('seeds', [], "Run only these of the sweep's seeds; all when empty.")
 flags.DEFINE_string('results_dir', '', 'Where results.{csv,md} and plots go (default: WORKDIR).')
 
 # Metrics where smaller is better; every other metric is better when larger.
@@ -153,8 +155,9 @@ def load_sweep(path: str) -> dict[str, Any]:
 
 
 def sampler_overrides(sampler: dict[str, Any]) -> dict[str, Any]:
-  """A sweep's sampler entry as config overrides: every key but `name` is a `sample` field."""
-  return {f'sample.{k}': v for k, v in sampler.items() if k != 'name'}
+  """A sweep's sampler entry as config overrides: a key without a dot is a `sample` field,
+  a dotted one a whole path (e.g. 'eval.num_samples' for this evaluation only)."""
+  return {k if '.' in k else f'sample.{k}': v for k, v in sampler.items() if k != 'name'}
 
 
 def _config_with(config_path: str, overrides: dict[str, Any]):
@@ -202,12 +205,18 @@ def _stage_one(config) -> dict[str, Any]:
   return {'data': data, 'autoencoder': autoencoder}
 
 
-def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run]:
-  """The runs of a sweep (variant-major, then seed), restricted to `only` when given."""
+def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = (),
+         seeds: Sequence[int] = ()) -> list[Run]:
+  """The runs of a sweep (variant-major, then seed), restricted to the variants `only`
+  and the seeds `seeds` when given."""
   names = [v['name'] for v in sweep['variants']]
   missing = sorted(set(only) - set(names))
   if missing:
     raise UserError(f'--only names unknown variants {missing}; the sweep has {names}')
+  missing = sorted(set(seeds) - set(sweep['seeds']))
+  if missing:
+    raise UserError(f'--seeds names seeds {missing} the sweep does not have; it has '
+                    f'{list(sweep["seeds"])}')
   shared = None
   if sweep['share_autoencoder']:
     shared = _stage_one(_config_with(sweep['config'], sweep['overrides']))
@@ -217,6 +226,8 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
       continue
     config_path = variant.get('config', sweep['config'])
     for seed in sweep['seeds']:
+      if seeds and seed not in seeds:
+        continue
       overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
       if sweep['share_autoencoder']:
         overrides['autoencoder.workdir'] = os.path.join(root, 'autoencoder')
@@ -558,9 +569,9 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
 
 
 def run_sweep(sweep_path: str, root: str, *, dry_run: bool = False, only: Sequence[str] = (),
-              results_dir: str = '') -> None:
+              results_dir: str = '', seeds: Sequence[int] = ()) -> None:
   sweep = load_sweep(sweep_path)
-  runs = plan(sweep, root, only)
+  runs = plan(sweep, root, only, seeds)
   if dry_run:
     if sweep['share_autoencoder']:
       print(' '.join(autoencoder_command(sweep, root)))
@@ -593,8 +604,12 @@ def main(argv: list[str]) -> None:
   if not FLAGS.sweep or not FLAGS.workdir:
     sys.exit('error: --sweep and --workdir are required')
   try:
+    try:
+      seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+      raise UserError(f'--seeds={",".join(FLAGS.seeds)}: accepted: integers, e.g. --seeds=0')
     run_sweep(FLAGS.sweep, FLAGS.workdir, dry_run=FLAGS.dry_run, only=FLAGS.only,
-              results_dir=FLAGS.results_dir)
+              results_dir=FLAGS.results_dir, seeds=seeds)
   except UserError as e:
     sys.exit(f'error: {e}')
 
