@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder.model = ml_collections.ConfigDict(dict(
       name='vq', block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
       num_vq_embeddings=256, vq_embed_dim=4, beta=0.25, norm_num_groups=8,
-      mid_block_attention=True))
+      mid_block_attention=True,
+      # 'loss': codes learned through the codebook loss (LDM); 'ema': codes are EMAs of
+      # their assigned encoder outputs (VQ-VAE-2), the loss keeps the commitment term.
+      codebook_update='loss', codebook_ema_decay=0.99, codebook_ema_epsilon=1e-5))
   config.autoencoder.codebook_weight = 1.0
   config.autoencoder.disc.update(weight=0.5, start=200, num_layers=2, ndf=32)
   config.autoencoder.disc.optim.update(learning_rate=2e-4)

@@ -13,16 +13,25 @@ A sweep file defines `get_sweep()` returning a dict:
     share_autoencoder: True trains stage 1 once (WORKDIR/autoencoder) and points every
                run's `autoencoder.workdir` at it, so variants differ only in stage 2
                (a variant's own config must then have the same data and stage 1).
+    samplers:  optional [{'name': 'ddim50', 'method': 'ddim', 'num_steps': 50}, ...]:
+               each run is trained once and evaluated once per sampler, the other
+               keys being `config.sample` fields (or dotted config paths, such as
+               'eval.num_samples', applied to that evaluation only); without it, once
+               with the config's own sampler.
 
 Every run's metrics use one evaluation classifier, WORKDIR/eval_classifier (unless the
 sweep sets `eval.classifier_dir`), so all runs are measured in the same feature space.
 
-Each variant × seed is two ordinary commands (`--mode=train`, then `--mode=eval`) in its
-own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one line each, ready
-for a cluster queue. A run whose metrics exist is skipped, an interrupted one resumes
-from its checkpoints. At the end the runner collects `results.csv` (one row per
-variant × seed), `results.md` (mean ± std over seeds, best marked) and the plots
-`loss_curves.png` and `metrics.png` into `--results_dir` (default: WORKDIR). Besides the
+Each variant × seed is ordinary commands (`--mode=train`, then `--mode=eval`, once per
+sampler) in its own workdir, WORKDIR/<variant>/seed_<seed>; `--dry_run` prints them one
+line per run, ready for a cluster queue. With samplers, each evaluation's record is kept
+as WORKDIR/<variant>/seed_<seed>/eval/metrics_<step>.<sampler>.json. An evaluation whose
+metrics exist is skipped, a trained run is not trained again, an interrupted one
+resumes from its checkpoints. At the end the runner collects `results.csv` (one row per
+variant × seed (× sampler)), `results.md` (mean ± std over seeds, best marked; with
+samplers one row per variant and sampler, best marked among the rows of each sampler)
+and the plots `loss_curves.png` and `metrics.png` into `--results_dir` (default:
+WORKDIR). Besides the
 metrics, each row has the cost of its stage 2: `train_gflops_per_image` (model FLOPs of
 one train step per image, `bench.train_flops_per_image`, counted from shapes) and
 `train_img_per_s` (measured training throughput).
@@ -52,10 +61,19 @@ flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
 flags.DEFINE_string('workdir', None, 'Root of the runs: WORKDIR/<variant>/seed_<seed>.')
 flags.DEFINE_bool('dry_run', False, 'Print the commands, one line per run; run nothing.')
 flags.DEFINE_list('only', [], 'Run only these variants (names); all when empty.')
+flags.DEFINE_list('seeds', [], "Run only these of the sweep's seeds; all when empty.")
 flags.DEFINE_string('results_dir', '', 'Where results.{csv,md} and plots go (default: WORKDIR).')
 
 # Metrics where smaller is better; every other metric is better when larger.
 _LOWER_IS_BETTER = re.compile(r'(^|_)(fd|fid|rfid|kid|lpips|loss)(_|$)|seconds')
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One `--mode=eval` of a run: its sampler ('' = the config's own) and its record."""
+  sampler: str
+  command: tuple[str, ...]
+  metrics_path: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +84,18 @@ class Run:
   workdir: str
   config: str
   overrides: dict[str, Any]
-  commands: tuple[tuple[str, ...], ...]
+  train_command: tuple[str, ...]
+  evaluations: tuple[Evaluation, ...]
   num_train_steps: int
 
   @property
-  def metrics_path(self) -> str:
-    return stages.metrics_path(self.workdir, self.num_train_steps)
+  def commands(self) -> tuple[tuple[str, ...], ...]:
+    """Train, then each evaluation."""
+    return (self.train_command, *(e.command for e in self.evaluations))
+
+  @property
+  def evaluated(self) -> bool:
+    return all(fileio.isfile(e.metrics_path) for e in self.evaluations)
 
   @property
   def trained(self) -> bool:
@@ -100,15 +124,17 @@ def load_sweep(path: str) -> dict[str, Any]:
   if not hasattr(module, 'get_sweep'):
     raise UserError(f'sweep file {path!r} defines no get_sweep()')
   sweep = dict(module.get_sweep())
-  unknown = set(sweep) - {'config', 'overrides', 'variants', 'seeds', 'share_autoencoder'}
+  keys = ('config', 'overrides', 'variants', 'seeds', 'share_autoencoder', 'samplers')
+  unknown = set(sweep) - set(keys)
   if unknown:
-    raise UserError(f'sweep {path!r}: unknown keys {sorted(unknown)}; accepted: config, '
-                    f'overrides, variants, seeds, share_autoencoder')
+    raise UserError(f'sweep {path!r}: unknown keys {sorted(unknown)}; accepted: '
+                    f'{", ".join(keys)}')
   if 'config' not in sweep or 'variants' not in sweep:
     raise UserError(f'sweep {path!r} must give at least config and variants')
   sweep.setdefault('overrides', {})
   sweep.setdefault('seeds', (0,))
   sweep.setdefault('share_autoencoder', False)
+  sweep.setdefault('samplers', ())
   names = [v.get('name', '') for v in sweep['variants']]
   for variant in sweep['variants']:
     unknown = set(variant) - {'name', 'overrides', 'config'}
@@ -119,7 +145,19 @@ def load_sweep(path: str) -> dict[str, Any]:
   if bad or len(set(names)) != len(names):
     raise UserError(f'sweep {path!r}: variant names must be unique and use only letters, '
                     f'digits and _.+- (got {names})')
+  samplers = [s.get('name', '') if isinstance(s, dict) else s for s in sweep['samplers']]
+  bad = [n for n in samplers if not isinstance(n, str) or not re.fullmatch(r'[A-Za-z0-9_+-]+', n)]
+  if bad or len(set(samplers)) != len(samplers):
+    raise UserError(f'sweep {path!r}: samplers must be dicts with unique names of letters, '
+                    f'digits and _+- (got {samplers}), e.g. dict(name=\'ddim50\', '
+                    f'method=\'ddim\', num_steps=50)')
   return sweep
+
+
+def sampler_overrides(sampler: dict[str, Any]) -> dict[str, Any]:
+  """A sweep's sampler entry as config overrides: a key without a dot is a `sample` field,
+  a dotted one a whole path (e.g. 'eval.num_samples' for this evaluation only)."""
+  return {k if '.' in k else f'sample.{k}': v for k, v in sampler.items() if k != 'name'}
 
 
 def _config_with(config_path: str, overrides: dict[str, Any]):
@@ -168,12 +206,18 @@ def _stage_one(config) -> dict[str, Any]:
   return {'data': data, 'autoencoder': autoencoder}
 
 
-def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run]:
-  """The runs of a sweep (variant-major, then seed), restricted to `only` when given."""
+def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = (),
+         seeds: Sequence[int] = ()) -> list[Run]:
+  """The runs of a sweep (variant-major, then seed), restricted to the variants `only`
+  and the seeds `seeds` when given."""
   names = [v['name'] for v in sweep['variants']]
   missing = sorted(set(only) - set(names))
   if missing:
     raise UserError(f'--only names unknown variants {missing}; the sweep has {names}')
+  missing = sorted(set(seeds) - set(sweep['seeds']))
+  if missing:
+    raise UserError(f'--seeds names seeds {missing} the sweep does not have; it has '
+                    f'{list(sweep["seeds"])}')
   shared = None
   if sweep['share_autoencoder']:
     shared = _stage_one(_config_with(sweep['config'], sweep['overrides']))
@@ -183,6 +227,8 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
       continue
     config_path = variant.get('config', sweep['config'])
     for seed in sweep['seeds']:
+      if seeds and seed not in seeds:
+        continue
       overrides = {**sweep['overrides'], **variant.get('overrides', {}), 'seed': seed}
       if sweep['share_autoencoder']:
         overrides['autoencoder.workdir'] = os.path.join(root, 'autoencoder')
@@ -194,10 +240,20 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = ()) -> list[Run
         raise UserError(f'variant {variant["name"]!r}: its images or autoencoder settings differ '
                         f'from those of the shared first stage ({sweep["config"]} with the '
                         f'sweep overrides); accepted: the same, or share_autoencoder=False')
-      commands = tuple(_command(config_path, workdir, overrides, mode)
-                       for mode in ('train', 'eval'))
-      runs.append(Run(variant['name'], seed, workdir, config_path, overrides, commands,
-                      int(config.diffusion.num_train_steps)))
+      steps = int(config.diffusion.num_train_steps)
+      evaluations = []
+      for sampler in sweep['samplers'] or ({'name': ''},):
+        eval_overrides = {**overrides, **sampler_overrides(sampler)}
+        _config_with(config_path, eval_overrides)  # An unknown sample field stops here.
+        path = stages.metrics_path(workdir, steps)
+        if sampler['name']:
+          path = path[:-len('.json')] + f'.{sampler["name"]}.json'
+        evaluations.append(Evaluation(sampler['name'],
+                                      _command(config_path, workdir, eval_overrides, 'eval'),
+                                      path))
+      runs.append(Run(variant['name'], seed, workdir, config_path, overrides,
+                      _command(config_path, workdir, overrides, 'train'), tuple(evaluations),
+                      steps))
   return runs
 
 
@@ -241,22 +297,45 @@ def _execute(command: Sequence[str], log_path: str) -> None:
     raise UserError(f'command failed (exit {result.returncode}); see {log_path}')
 
 
+def dry_run_commands(run: Run) -> list[str]:
+  """The shell commands of `run`: train, then each evaluation, its record moved to the
+  sampler's name when the sweep lists samplers (what `execute_run` does)."""
+  lines = [' '.join(run.train_command)]
+  default_path = stages.metrics_path(run.workdir, run.num_train_steps)
+  for evaluation in run.evaluations:
+    lines.append(' '.join(evaluation.command))
+    if evaluation.metrics_path != default_path:
+      lines.append(f'mv {shlex.quote(default_path)} {shlex.quote(evaluation.metrics_path)}')
+  return lines
+
+
 def execute_run(run: Run) -> str:
   """Trains (resuming) and evaluates `run` unless done; returns what happened."""
-  if fileio.isfile(run.metrics_path):
+  if run.evaluated:
     return 'done before, skipped'
   log_path = os.path.join(run.workdir, 'ablate.log')
-  train, evaluate = run.commands
+  done = []
   if not run.trained:
     start = time.perf_counter()
     try:
-      _execute(train, log_path)
+      _execute(run.train_command, log_path)
     finally:  # An interrupted run's time counts too: it resumes from its checkpoints.
       status = _read_status(run)
       status['train_seconds'] += time.perf_counter() - start
       _write_status(run, status)
-  _execute(evaluate, log_path)
-  return 'trained and evaluated'
+    done.append('trained')
+  evaluated = []
+  for evaluation in run.evaluations:
+    if fileio.isfile(evaluation.metrics_path):
+      continue
+    _execute(evaluation.command, log_path)
+    default_path = stages.metrics_path(run.workdir, run.num_train_steps)
+    if evaluation.metrics_path != default_path:  # The record of this sampler, kept apart.
+      fileio.rename(default_path, evaluation.metrics_path)
+    evaluated.append(evaluation.sampler)
+  samplers = [s for s in evaluated if s]
+  done.append('evaluated' + (f' ({", ".join(samplers)})' if samplers else ''))
+  return ' and '.join(done)
 
 
 # ---------------------------------------------------------------- results ----
@@ -298,7 +377,7 @@ def train_flops_per_image(config_path: str, overrides: dict[str, Any]) -> float:
 
 
 def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
-  """One row per evaluated run: variant, seed, costs and every metric.
+  """One row per evaluation (a run × sampler): variant, seed, (sampler,) costs, metrics.
 
   The FLOPs count is made once per variant (seeds share the model) and kept in the
   run's status file.
@@ -306,9 +385,9 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
   rows = []
   flops: dict[str, float] = {}
   for run in runs:
-    if not fileio.isfile(run.metrics_path):
+    evaluations = [e for e in run.evaluations if fileio.isfile(e.metrics_path)]
+    if not evaluations:
       continue
-    metrics = fileio.read_json(run.metrics_path)
     _, losses = loss_curve(run.workdir)
     status = _read_status(run)
     if 'train_flops_per_image' not in status:
@@ -317,21 +396,27 @@ def collect(runs: Sequence[Run]) -> list[dict[str, Any]]:
       status['train_flops_per_image'] = flops[run.variant]
       _write_status(run, status)
     batch_size = _config_with(run.config, run.overrides).data.batch_size
-    row = {'variant': run.variant, 'seed': run.seed,
-           'train_seconds': round(status['train_seconds'], 1),
-           'final_loss': float(losses[-1]) if len(losses) else float('nan'),
-           'train_gflops_per_image': status['train_flops_per_image'] / 1e9,
-           'train_img_per_s': train_images_per_second(run.workdir, batch_size)}
-    row.update({k: v for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    rows.append(row)
+    costs = {'train_seconds': round(status['train_seconds'], 1),
+             'final_loss': float(losses[-1]) if len(losses) else float('nan'),
+             'train_gflops_per_image': status['train_flops_per_image'] / 1e9,
+             'train_img_per_s': train_images_per_second(run.workdir, batch_size)}
+    for evaluation in evaluations:
+      metrics = fileio.read_json(evaluation.metrics_path)
+      row = {'variant': run.variant, 'seed': run.seed}
+      if evaluation.sampler:
+        row['sampler'] = evaluation.sampler
+      row.update(costs)
+      row.update({k: v for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+      rows.append(row)
   return rows
 
 
 # Shown in the table but never ranked: costs, and losses that are not comparable
 # across parameterizations (an eps loss and a v loss measure different targets).
-INFO_COLUMNS = ('final_loss', 'train_gflops_per_image', 'train_img_per_s', 'train_seconds',
-                'eval_seconds', 'classifier_test_accuracy')
+INFO_COLUMNS = ('final_loss', 'train_gflops_per_image', 'train_img_per_s',
+                'sampling_seconds_per_image', 'train_seconds', 'eval_seconds',
+                'classifier_test_accuracy')
 
 
 def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> list[str]:
@@ -339,7 +424,7 @@ def _metric_columns(rows: Sequence[dict[str, Any]], *, info: bool = True) -> lis
   seen = []
   for row in rows:
     seen += [k for k in row if k not in seen]
-  metrics = [k for k in seen if k not in ('variant', 'seed', 'step', 'num_samples')
+  metrics = [k for k in seen if k not in ('variant', 'seed', 'sampler', 'step', 'num_samples')
              and not k.startswith('sample_') and not k.endswith('_real')
              and k not in INFO_COLUMNS]
   order = evaluation.REPORT_ORDER  # Sample quality, then the autoencoder's, then the rest.
@@ -358,11 +443,16 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
   fileio.write_atomic(path, buffer.getvalue())
 
 
+def _key(row: dict[str, Any]) -> str:
+  """A row's group over seeds: its variant, or 'variant/sampler' with samplers."""
+  return f'{row["variant"]}/{row["sampler"]}' if row.get('sampler') else row['variant']
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
-  """variant -> metric -> (mean, std over seeds); std is 0 for one seed."""
+  """variant (or 'variant/sampler') -> metric -> (mean, std over seeds); std is 0 for one seed."""
   by_variant: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
-    by_variant.setdefault(row['variant'], []).append(row)
+    by_variant.setdefault(_key(row), []).append(row)
   summary = {}
   for variant, variant_rows in by_variant.items():
     summary[variant] = {}
@@ -379,36 +469,45 @@ def lower_is_better(metric: str) -> bool:
 
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
-  """Mean ± std per variant; the best mean of each column in bold; real-vs-real last."""
+  """Mean ± std per variant (and sampler); the best mean of each column in bold
+  (among the rows of one sampler when there are several); real-vs-real last."""
   summary = summarize(rows)
   columns = _metric_columns(rows)
-  best = {}
+  sampler_of = {_key(r): r.get('sampler', '') for r in rows}
+  variant_of = {_key(r): r['variant'] for r in rows}
+  with_samplers = any(sampler_of.values())
+  best: dict[tuple[str, str], str] = {}
   for column in _metric_columns(rows, info=False):
-    means = {v: s[column][0] for v, s in summary.items() if column in s}
-    if len(set(means.values())) > 1:  # A column where every variant ties has no best.
-      pick = min if lower_is_better(column) else max
-      best[column] = pick(means, key=means.get)
+    for sampler in dict.fromkeys(sampler_of.values()):
+      means = {k: s[column][0] for k, s in summary.items()
+               if column in s and sampler_of[k] == sampler}
+      if len(set(means.values())) > 1:  # A column where every variant ties has no best.
+        pick = min if lower_is_better(column) else max
+        best[column, sampler] = pick(means, key=means.get)
   seeds = sorted({r['seed'] for r in rows})
+  runs = len({(r['variant'], r['seed']) for r in rows})
+  within = ' among the rows of each sampler' if with_samplers else ''
+  lead = ['variant', 'sampler'] if with_samplers else ['variant']
   lines = [f'# {title}', '',
-           f'Mean ± std over seeds {seeds} ({len(rows)} runs); best mean in bold '
+           f'Mean ± std over seeds {seeds} ({runs} runs); best mean in bold{within} '
            f'(lower is better for FD/FID/KID, higher for the rest; '
            f'{", ".join(INFO_COLUMNS)} are not ranked).', '',
-           '| variant | ' + ' | '.join(columns) + ' |',
-           '| --- |' + ' --- |' * len(columns)]
-  for variant, stats in summary.items():
-    cells = []
+           '| ' + ' | '.join(lead + columns) + ' |',
+           '|' + ' --- |' * (len(lead) + len(columns))]
+  for key, stats in summary.items():
+    cells = [variant_of[key]] + ([sampler_of[key]] if with_samplers else [])
     for column in columns:
       if column not in stats:
         cells.append('')
         continue
       mean, std = stats[column]
       cell = f'{mean:.4g} ± {std:.2g}'
-      cells.append(f'**{cell}**' if best.get(column) == variant else cell)
-    lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+      cells.append(f'**{cell}**' if best.get((column, sampler_of[key])) == key else cell)
+    lines.append('| ' + ' | '.join(cells) + ' |')
   reals = {c: np.mean([r[f'{c}_real'] for r in rows if f'{c}_real' in r])
            for c in columns if any(f'{c}_real' in r for r in rows)}
   if reals:
-    lines.append('| *real vs real* | ' + ' | '.join(
+    lines.append('| *real vs real* | ' + ('| ' if with_samplers else '') + ' | '.join(
         f'{reals[c]:.4g}' if c in reals else '' for c in columns) + ' |')
   fileio.write_atomic(path, '\n'.join(lines) + '\n')
 
@@ -452,7 +551,8 @@ def write_plots(runs: Sequence[Run], rows: Sequence[dict[str, Any]], directory: 
     names = [v for v in summary if column in summary[v]]
     means = [summary[v][column][0] for v in names]
     stds = [summary[v][column][1] for v in names]
-    ax.bar(range(len(names)), means, yerr=stds, color=[colors.get(v) for v in names], capsize=3)
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3,
+           color=[colors.get(v.split('/')[0]) for v in names])
     reals = [r[f'{column}_real'] for r in rows if f'{column}_real' in r]
     if reals:
       ax.axhline(float(np.mean(reals)), color='k', linestyle='--', linewidth=1, label='real')
@@ -484,14 +584,14 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
 
 
 def run_sweep(sweep_path: str, root: str, *, dry_run: bool = False, only: Sequence[str] = (),
-              results_dir: str = '') -> None:
+              results_dir: str = '', seeds: Sequence[int] = ()) -> None:
   sweep = load_sweep(sweep_path)
-  runs = plan(sweep, root, only)
+  runs = plan(sweep, root, only, seeds)
   if dry_run:
     if sweep['share_autoencoder']:
       print(' '.join(autoencoder_command(sweep, root)))
     for run in runs:
-      print(' && '.join(' '.join(c) for c in run.commands))
+      print(' && '.join(dry_run_commands(run)))
     return
   if sweep['share_autoencoder'] and not autoencoder_trained(sweep, root):
     _execute(autoencoder_command(sweep, root), os.path.join(root, 'autoencoder', 'ablate.log'))
@@ -519,8 +619,12 @@ def main(argv: list[str]) -> None:
   if not FLAGS.sweep or not FLAGS.workdir:
     sys.exit('error: --sweep and --workdir are required')
   try:
+    try:
+      seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+      raise UserError(f'--seeds={",".join(FLAGS.seeds)}: accepted: integers, e.g. --seeds=0')
     run_sweep(FLAGS.sweep, FLAGS.workdir, dry_run=FLAGS.dry_run, only=FLAGS.only,
-              results_dir=FLAGS.results_dir)
+              results_dir=FLAGS.results_dir, seeds=seeds)
   except UserError as e:
     sys.exit(f'error: {e}')
 

@@ -576,7 +576,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
   `bicubic_psnr`, `bicubic_ssim` of bicubic upsampling (see `ldm_jax.superres`).
 
   Returns:
-    Flat dict of metric name -> float, plus `classifier_test_accuracy`.
+    Flat dict of metric name -> float, plus `classifier_test_accuracy` and
+    `sampling_seconds_per_image` (wall time of sampling and decoding, see
+    `generate.Sampler.seconds_per_image`).
   """
   batch_size = _eval_batch_size(config, mesh)
   metrics: dict[str, float] = {}
@@ -598,6 +600,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh, denoiser: nn
         config, vocabulary, config.eval.num_samples)
   pixels, labels = sampler.generate(state.ema_params, ae_params, state.scale_factor,
                                     num_samples=config.eval.num_samples, conditions=conditions)
+  metrics['sampling_seconds_per_image'] = sampler.seconds_per_image
   if conditions is not None and labelled:
     labels = condition_labels  # The class each condition names (a caption's digit).
   samples = to_model_range(pixels)

@@ -17,6 +17,11 @@ fake batches go through it separately, so batch norm normalizes each on its own,
 in taming. The discriminator (params and optimizer state) and the NLL log-variance
 live in the stage-1 `TrainState`, so checkpoints, resume and FSDP cover them.
 
+A VQ model with `codebook_update='ema'` drops the codebook term (its loss is the
+commitment term alone) and after each step sets the codebook to the EMA of the
+encoder outputs assigned to each code (`autoencoder.ema_codebook_update`); the EMA
+statistics (cluster sizes, embedding sums) are state fields too.
+
 The per-term gradients the adaptive weight needs are taken as cotangents at the
 reconstruction and pulled back through the last layer only; the autoencoder is
 differentiated once, with the combined cotangent.
@@ -35,9 +40,9 @@ import optax
 
 from ldm_jax import losses, optim, perceptual
 from ldm_jax.errors import UserError
-from ldm_jax.models.autoencoder import VQModel, codebook_statistics
+from ldm_jax.models.autoencoder import VQModel, codebook_statistics, ema_codebook_update
 from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.train_state import TrainState
+from ldm_jax.train_state import TrainState, ema_decay_at
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -82,8 +87,28 @@ class FirstStageTrainState(TrainState):
   disc_opt_state: optax.OptState = None
   logvar: jax.Array = None                 # [] float32
   logvar_opt_state: optax.OptState = None  # The autoencoder's optimizer on `logvar`.
+  # VQ with codebook_update='ema' (else None): the EMA statistics of the codebook.
+  codebook_cluster_size: jax.Array = None  # [K] float32
+  codebook_embed_sum: jax.Array = None     # [K, D] float32
   # The discriminator's optimizer is an argument of `train_step`, not a static field:
   # states built by separate calls must have equal tree structures.
+
+
+def uses_ema_codebook(config: ml_collections.ConfigDict) -> bool:
+  """Whether stage 1 is a VQ model whose codebook follows EMAs of the encoder outputs."""
+  model = config.autoencoder.model
+  return model.name == 'vq' and model.get('codebook_update', 'loss') == 'ema'
+
+
+def codebook(params: Params) -> jax.Array:
+  """The [K, D] codebook in a `VQModel`'s params."""
+  return params['quantize']['embedding']['embedding']
+
+
+def _with_codebook(params: Params, codes: jax.Array) -> Params:
+  quantize = {**params['quantize'], 'embedding': {**params['quantize']['embedding'],
+                                                  'embedding': codes}}
+  return {**params, 'quantize': quantize}
 
 
 def build_discriminator(config: ml_collections.ConfigDict) -> nn.Module:
@@ -105,11 +130,19 @@ def create_state(config: ml_collections.ConfigDict, params: Params,
   disc_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   disc_params = disc.init(disc_rng, jnp.zeros((1, size, size, channels)))['params']
   logvar = jnp.asarray(config.autoencoder.logvar_init, jnp.float32)
+  cluster_size = embed_sum = None
+  if uses_ema_codebook(config):
+    # Every code starts as if it had been chosen once by itself: e_k = m_k / N_k is the
+    # initial codebook, and a code no latent chooses keeps its place while N_k decays
+    # (taming starts N at 0, which throws unchosen codes far out at the first step).
+    embed_sum = jnp.asarray(codebook(params), jnp.float32)
+    cluster_size = jnp.ones((embed_sum.shape[0],), jnp.float32)
   return FirstStageTrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=rng, tx=tx,
       disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), logvar=logvar,
-      logvar_opt_state=tx.init(logvar))
+      logvar_opt_state=tx.init(logvar), codebook_cluster_size=cluster_size,
+      codebook_embed_sum=embed_sum)
 
 
 def load_lpips_params(config: ml_collections.ConfigDict) -> dict | None:
@@ -166,14 +199,18 @@ def train_step(state: FirstStageTrainState, batch: dict[str, jax.Array],
   images = batch['image']
   is_vq = isinstance(model, VQModel)
 
+  ema_codebook = is_vq and model.codebook_update == 'ema'
+
   def forward(params):
     if is_vq:
-      reconstruction, codebook_loss, indices = model.apply({'params': params}, images)
-      return (reconstruction, codebook_loss), indices
+      reconstruction, codebook_loss, indices, latents = model.apply(
+          {'params': params}, images, method=model.reconstruct)
+      return (reconstruction, codebook_loss), (indices, latents)
     reconstruction, mean, logvar = model.apply({'params': params}, images, rng)
-    return (reconstruction, (mean, logvar)), None
+    return (reconstruction, (mean, logvar)), (None, None)
 
-  (reconstruction, reg_inputs), pullback, indices = jax.vjp(forward, state.params, has_aux=True)
+  (reconstruction, reg_inputs), pullback, (indices, latents) = jax.vjp(
+      forward, state.params, has_aux=True)
 
   def nll_fn(reconstruction, logvar):
     error = jnp.abs(images - reconstruction)
@@ -227,6 +264,18 @@ def train_step(state: FirstStageTrainState, batch: dict[str, jax.Array],
   loss = nll + reg_loss + gan_scale * g_loss
 
   new_state = state.apply_gradients(grads, ema_decay=spec.ema_decay)
+  if ema_codebook:
+    # The codebook has no gradient here (straight-through, no codebook term): it is set
+    # to the EMA of its assigned encoder outputs, and the parameter EMA follows it.
+    cluster_size, embed_sum, codes = ema_codebook_update(
+        state.codebook_cluster_size, state.codebook_embed_sum, jax.lax.stop_gradient(latents),
+        indices, model.codebook_ema_decay, model.codebook_ema_epsilon)
+    decay = ema_decay_at(state.step, spec.ema_decay)
+    ema_codes = decay * codebook(state.ema_params) + (1.0 - decay) * codes
+    new_state = new_state.replace(
+        params=_with_codebook(new_state.params, codes),
+        ema_params=_with_codebook(new_state.ema_params, ema_codes),
+        codebook_cluster_size=cluster_size, codebook_embed_sum=embed_sum)
   logvar, logvar_opt_state = state.logvar, state.logvar_opt_state
   if spec.learn_logvar and not is_vq:
     updates, logvar_opt_state = state.tx.update(logvar_grad, logvar_opt_state, logvar)

@@ -1,6 +1,7 @@
 """From noise to images: the jitted sample-and-decode function and image outputs."""
 import functools
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -170,6 +171,9 @@ class Sampler:
                           on_step=self._steps.tick),
         in_shardings=(replicated, replicated, replicated, data, replicated, replicated, data),
         out_shardings=data)
+    # Wall seconds per image of the last `generate` (sampling and decoding): the median
+    # over its batches, leaving out the first (compilation) when there are others.
+    self.seconds_per_image = float('nan')
 
   def labels(self, num_samples: int) -> np.ndarray:
     """The class of each sample: `class_label`, or every class in turn, one grid row each."""
@@ -194,8 +198,9 @@ class Sampler:
     base_rng = jax.random.PRNGKey(self.seed)
     # Sampling runs the denoiser hundreds of times: gather FSDP-sharded weights once.
     params, ae_params = sharding.gather((params, ae_params), self._mesh)
-    outputs = []
+    outputs, seconds = [], []
     for i in observe.progress(range(0, num_padded, self.batch_size), desc='sampling'):
+      start = time.perf_counter()
       batch_labels, batch_conditions = jax.device_put(
           jax.tree.map(lambda a: a[i:i + self.batch_size], padded),
           sharding.data_sharding(self._mesh))
@@ -205,6 +210,8 @@ class Sampler:
                         batch_conditions)
       outputs.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
       self._steps.close()
+      seconds.append(time.perf_counter() - start)
+    self.seconds_per_image = float(np.median(seconds[1:] or seconds)) / self.batch_size
     images = input_pipeline.postprocess(np.concatenate(outputs)[:num_samples])
     return images, (labels if self.num_classes else None)
 

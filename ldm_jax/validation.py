@@ -8,6 +8,7 @@ import ml_collections
 from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling
 from ldm_jax import observe, sharding
 from ldm_jax.errors import UserError
+from ldm_jax.models import autoencoder
 
 
 def _one_of(config: ml_collections.ConfigDict, path: str, accepted) -> None:
@@ -168,6 +169,15 @@ def _validate_first_stage_objective(config: ml_collections.ConfigDict) -> None:
          'an integer >= 1')
   _one_of(config, 'autoencoder.disc.optim.lr_schedule', optim.LR_SCHEDULES)
   _check(config, 'autoencoder.disc.optim.learning_rate', lambda v: v > 0, 'a positive number')
+  if c.model.name == 'vq':  # The VQ model's defaults stand in for fields a config leaves out.
+    if 'codebook_update' in c.model:
+      _one_of(config, 'autoencoder.model.codebook_update', autoencoder.CODEBOOK_UPDATES)
+    if 'codebook_ema_decay' in c.model:
+      _check(config, 'autoencoder.model.codebook_ema_decay', lambda v: 0 < v < 1,
+             'a number in (0, 1)')
+    if 'codebook_ema_epsilon' in c.model:
+      _check(config, 'autoencoder.model.codebook_ema_epsilon', lambda v: v > 0,
+             'a positive number')
   if c.perceptual_weight > 0 and not (c.lpips_vgg_weights and c.lpips_lin_weights):
     raise UserError('config.autoencoder.perceptual_weight > 0 needs the LPIPS weights: set '
                     'config.autoencoder.lpips_vgg_weights (torchvision vgg16 .pth) and '

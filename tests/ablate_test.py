@@ -1,7 +1,9 @@
 """The ablation runner: planning, dry runs, a tiny 2-variant sweep end to end, tables."""
 import csv
+import json
 import os
 import pathlib
+import shutil
 
 import pytest
 from PIL import Image
@@ -28,12 +30,17 @@ def get_config():
 '''
 
 
-def write_sweep(path: pathlib.Path, data_dir: str) -> str:
+SAMPLERS = ("samplers=(dict(name='ddim4', method='ddim', num_steps=4), "
+            "dict(name='ddpm8', method='ddpm', num_steps=8)),")
+
+
+def write_sweep(path: pathlib.Path, data_dir: str, extra: str = '') -> str:
   dit_config = path.parent / 'tiny_dit.py'
   dit_config.write_text(TINY_DIT)
   path.write_text(f'''
 def get_sweep():
   return dict(
+      {extra}
       config={str(ROOT / 'configs' / 'tiny.py')!r},
       overrides={{'data.data_dir': {data_dir!r}, 'eval.num_samples': 16,
                  'eval.classifier_steps': 30}},
@@ -78,6 +85,29 @@ def test_dry_run_prints_one_line_per_run_and_runs_nothing(tmp_path, digits_data_
   assert '--config.diffusion.prediction_type=v' in lines[2]
   assert f'--config={tmp_path}/tiny_dit.py ' in lines[2]  # The variant's own config file.
   assert '/configs/tiny.py ' in lines[0] + ' ' and '/configs/tiny.py ' in lines[1]
+
+
+def test_dry_run_with_samplers_evaluates_each_run_once_per_sampler(tmp_path, digits_data_dir,
+                                                                   capsys):
+  sweep = write_sweep(tmp_path / 'sweep.py', digits_data_dir, SAMPLERS)
+  ablate.run_sweep(sweep, str(tmp_path / 'runs'), dry_run=True)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 3
+  train, ddim, move_ddim, ddpm, move_ddpm = lines[1].split(' && ')
+  assert '--mode=train ' in train and 'sample.method' not in train  # Trained once.
+  eval_dir = f'{tmp_path}/runs/linear/seed_0/eval'
+  for command, move, method, steps, name in ((ddim, move_ddim, 'ddim', 4, 'ddim4'),
+                                             (ddpm, move_ddpm, 'ddpm', 8, 'ddpm8')):
+    assert '--mode=eval' in command
+    assert f'--config.sample.method={method} --config.sample.num_steps={steps}' in command
+    assert move == f'mv {eval_dir}/metrics_4.json {eval_dir}/metrics_4.{name}.json'
+  bad = write_sweep(tmp_path / 'bad.py', digits_data_dir,
+                    "samplers=(dict(name='a', method='ddim'), dict(name='a', num_steps=2)),")
+  with pytest.raises(UserError, match='samplers must be dicts with unique names'):
+    ablate.load_sweep(bad)
+  bad = write_sweep(tmp_path / 'bad.py', digits_data_dir, "samplers=(dict(name='a', stesp=2),),")
+  with pytest.raises(UserError, match="unknown config field 'sample.stesp'"):
+    ablate.plan(ablate.load_sweep(bad), str(tmp_path))
 
 
 def test_only_selects_a_variant_and_rejects_unknown_names(tmp_path, digits_data_dir):
@@ -151,6 +181,48 @@ def test_second_invocation_trains_nothing(swept, monkeypatch):
   ablate.run_sweep(sweep, root)
   after = pathlib.Path(root, 'results.csv').read_text()
   assert after == before
+
+
+def test_samplers_evaluate_trained_runs_without_training_and_tabulate_per_sampler(
+    swept, tmp_path, digits_data_dir, monkeypatch):
+  """Two samplers on a copy of the trained sweep: only evaluations run, once each, and
+  the table has a row per variant and sampler, the best marked among each sampler's rows."""
+  _, root = swept
+  copy = tmp_path / 'runs'
+  shutil.copytree(root, copy)
+  sweep = write_sweep(tmp_path / 'sweep.py', digits_data_dir, SAMPLERS)
+  executed = []
+
+  def fake_eval(command, log_path):  # The eval mode's record, its FD scaled per sampler.
+    assert '--mode=eval' in command, command
+    executed.append(command)
+    workdir = next(a for a in command if a.startswith('--workdir=')).split('=', 1)[1]
+    path = os.path.join(workdir, 'eval', 'metrics_4.json')
+    with open(os.path.join(root, os.path.relpath(path, copy))) as f:
+      record = json.load(f)
+    record['fd_classifier'] *= 2.0 if 'ddpm' in ' '.join(command) else 0.5
+    with open(path, 'w') as f:
+      json.dump(record, f)
+
+  monkeypatch.setattr(ablate, '_execute', fake_eval)
+  monkeypatch.chdir(ROOT)
+  ablate.run_sweep(sweep, str(copy), results_dir=str(tmp_path / 'results'))
+  assert len(executed) == 4  # 2 runs × 2 samplers, no training.
+  with open(tmp_path / 'results' / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['variant'], r['sampler']) for r in rows] == [
+      ('linear', 'ddim4'), ('linear', 'ddpm8'), ('cosine-v', 'ddim4'), ('cosine-v', 'ddpm8')]
+  assert float(rows[1]['fd_classifier']) == pytest.approx(4 * float(rows[0]['fd_classifier']))
+  table = (tmp_path / 'results' / 'results.md').read_text().splitlines()
+  assert table[4].startswith('| variant | sampler | fd_classifier |')
+  body = {tuple(c.strip() for c in line.split('|')[1:3]): line for line in table[6:]}
+  assert set(body) >= {('linear', 'ddim4'), ('linear', 'ddpm8'), ('cosine-v', 'ddim4'),
+                       ('cosine-v', 'ddpm8')}
+  for sampler in ('ddim4', 'ddpm8'):  # One best FD per sampler.
+    fd_cells = [body[v, sampler].split('|')[3] for v in ('linear', 'cosine-v')]
+    assert sum('**' in c for c in fd_cells) == 1
+  ablate.run_sweep(sweep, str(copy), results_dir=str(tmp_path / 'results'))
+  assert len(executed) == 4  # Every evaluation was done: nothing runs again.
 
 
 def test_markdown_marks_the_best_mean_in_the_right_direction(tmp_path):

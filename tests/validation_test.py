@@ -83,3 +83,18 @@ def test_dit_config_rejects_u_net_fields():
   config.diffusion.model.transformer_depth = 1
   with pytest.raises(UserError, match="unexpected field.*'transformer_depth'.*denoiser 'dit'"):
     validate_config(config)
+
+
+@pytest.mark.parametrize('field, value, fragment', [
+    ('codebook_update', 'kmeans', 'loss, ema'),
+    ('codebook_ema_decay', 1.0, 'a number in (0, 1)'),
+    ('codebook_ema_epsilon', 0.0, 'a positive number'),
+])
+def test_bad_vq_codebook_update_field_is_named(field, value, fragment):
+  from configs import digits_vq_gan
+
+  config = digits_vq_gan.get_config()
+  config.autoencoder.model[field] = value
+  with pytest.raises(UserError, match=f'config.autoencoder.model.{field}={value!r}') as info:
+    validate_config(config)
+  assert fragment in str(info.value)

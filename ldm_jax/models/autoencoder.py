@@ -251,6 +251,43 @@ def codebook_statistics(indices: jax.Array, num_codes: int) -> dict[str, jax.Arr
   return {'codebook_usage': jnp.mean(counts > 0), 'codebook_perplexity': jnp.exp(entropy)}
 
 
+CODEBOOK_UPDATES = ('loss', 'ema')
+
+
+def ema_codebook_update(cluster_size: jax.Array, embed_sum: jax.Array, latents: jax.Array,
+                        indices: jax.Array, decay: float | jax.Array, epsilon: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One EMA step of the codebook statistics (VQ-VAE-2; taming's `EMAVectorQuantizer`).
+
+  With n_k the number of latents assigned to code k and s_k their sum in this batch:
+
+    N_k <- decay * N_k + (1 - decay) * n_k             (cluster sizes)
+    m_k <- decay * m_k + (1 - decay) * s_k             (embedding sums)
+    e_k  = m_k / Ñ_k,  Ñ_k = (N_k + epsilon) / (Σ_j N_j + K * epsilon) * Σ_j N_j
+
+  (Laplace smoothing keeps Ñ_k > 0 for codes no latent chose).
+
+  Args:
+    cluster_size: [K] N.
+    embed_sum: [K, D] m.
+    latents: [..., D] encoder outputs (the quantizer's inputs).
+    indices: [...] their codes.
+    decay: EMA decay in (0, 1).
+    epsilon: Laplace smoothing constant > 0.
+
+  Returns:
+    (new cluster_size [K], new embed_sum [K, D], codebook e [K, D]).
+  """
+  num_codes = cluster_size.shape[0]
+  flat = latents.reshape(-1, latents.shape[-1]).astype(jnp.float32)
+  onehot = jax.nn.one_hot(indices.reshape(-1), num_codes, dtype=jnp.float32)  # [N, K]
+  cluster_size = decay * cluster_size + (1.0 - decay) * jnp.sum(onehot, axis=0)
+  embed_sum = decay * embed_sum + (1.0 - decay) * (onehot.T @ flat)
+  total = jnp.sum(cluster_size)
+  smoothed = (cluster_size + epsilon) / (total + num_codes * epsilon) * total
+  return cluster_size, embed_sum, embed_sum / smoothed[:, None]
+
+
 class VectorQuantizer(nn.Module):
   """Nearest-neighbour codebook lookup with a straight-through gradient (VQ-VAE).
 
@@ -259,17 +296,25 @@ class VectorQuantizer(nn.Module):
   mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2). With `legacy=False` beta
   weights the commitment term instead, as in the VQ-VAE paper.
 
+  With `codebook_update='ema'` the codes are not learned by gradient: they follow
+  exponential moving averages of the encoder outputs assigned to them
+  (`ema_codebook_update`, applied by the training step), and the loss is the
+  commitment term alone, beta * mean((sg[z_q] - z)^2), as in taming's
+  `EMAVectorQuantizer` and VQ-VAE-2.
+
   Attributes:
     num_embeddings: codebook size.
     embedding_dim: code width.
     beta: weight of the second term (see above).
     legacy: taming's (and diffusers') term weighting.
+    codebook_update: 'loss' (codes learned through the codebook loss) or 'ema'.
   """
 
   num_embeddings: int
   embedding_dim: int
   beta: float = 0.25
   legacy: bool = True
+  codebook_update: str = 'loss'
 
   def setup(self):
     scale = 1.0 / self.num_embeddings
@@ -302,7 +347,12 @@ class VectorQuantizer(nn.Module):
     z_q = jnp.take(self.codebook(), indices, axis=0)
     to_codes = jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))   # moves the encoder
     to_inputs = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))  # moves the codes
-    loss = to_codes + self.beta * to_inputs if self.legacy else self.beta * to_codes + to_inputs
+    if self.codebook_update == 'ema':  # The codes move by `ema_codebook_update`.
+      loss = self.beta * to_codes
+    elif self.legacy:
+      loss = to_codes + self.beta * to_inputs
+    else:
+      loss = self.beta * to_codes + to_inputs
     return z + jax.lax.stop_gradient(z_q - z), loss, indices
 
 
@@ -321,6 +371,12 @@ class VQModel(nn.Module):
     vq_embed_dim: code width (channels of h); 0 = latent_channels.
     beta: codebook loss weight (see `VectorQuantizer`).
     legacy_beta: taming's weighting of the two codebook terms.
+    codebook_update: 'loss' (codes learned by gradient through the codebook loss) or
+      'ema' (codes = EMA of their assigned encoder outputs; the loss keeps only the
+      commitment term, weighted by beta). The EMA statistics live in the stage-1 train
+      state (`first_stage.FirstStageTrainState`).
+    codebook_ema_decay: decay of those EMAs ('ema' only).
+    codebook_ema_epsilon: their Laplace smoothing ('ema' only).
     norm_num_groups: GroupNorm groups.
     norm_eps: GroupNorm epsilon.
     mid_block_attention: self-attention in the middle blocks.
@@ -335,6 +391,9 @@ class VQModel(nn.Module):
   vq_embed_dim: int = 0
   beta: float = 0.25
   legacy_beta: bool = True
+  codebook_update: str = 'loss'
+  codebook_ema_decay: float = 0.99
+  codebook_ema_epsilon: float = 1e-5
   norm_num_groups: int = 32
   norm_eps: float = 1e-6
   mid_block_attention: bool = True
@@ -362,8 +421,11 @@ class VQModel(nn.Module):
         norm_eps=self.norm_eps, mid_block_attention=self.mid_block_attention, dtype=self.dtype,
         double_z=False)
     self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+    if self.codebook_update not in CODEBOOK_UPDATES:
+      raise ValueError(f'codebook_update={self.codebook_update!r}; accepted: '
+                       f'{", ".join(CODEBOOK_UPDATES)}')
     self.quantize = VectorQuantizer(self.num_vq_embeddings, self.embed_dim, self.beta,
-                                    self.legacy_beta)
+                                    self.legacy_beta, self.codebook_update)
     self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
     self.decoder = Decoder(
         out_channels=self.out_channels, block_out_channels=tuple(self.block_out_channels),
@@ -406,8 +468,15 @@ class VQModel(nn.Module):
     `rng` is unused (the model is deterministic); it keeps the KL model's signature.
     """
     del rng
-    z_q, loss, indices = self.quantize(self.encode_latents(x))
-    return self.decode_quantized(z_q), loss, indices
+    reconstruction, loss, indices, _ = self.reconstruct(x)
+    return reconstruction, loss, indices
+
+  def reconstruct(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`__call__`'s outputs and the pre-quantization latents h [B, h, w, D] they came from
+    (what the EMA codebook update averages)."""
+    h = self.encode_latents(x)
+    z_q, loss, indices = self.quantize(h)
+    return self.decode_quantized(z_q), loss, indices, h
 
 
 class IdentityFirstStage(nn.Module):
