@@ -83,6 +83,8 @@ _BYPASS = re.compile(r'(?<![\w.])open\(|os\.(makedirs|listdir|replace|remove|ren
 _ALLOWED = {
     ('ablate.py', 'if not os.path.isfile(path):'): 'a sweep file is local Python to import',
     ('ablate.py', "with open(log_path, 'a') as log:"): 'a subprocess writes a local log live',
+    ('rss.py', 'with open(_STATUS) as f:'): "the kernel's /proc files of this process",
+    ('rss.py', "with open(_CLEAR_REFS, 'w') as f:"): "the kernel's /proc files of this process",
 }
 
 
