@@ -130,4 +130,6 @@ def test_fsdp_train_benchmark_counts_the_state_in_its_memory(tiny_config, capsys
   state_mib = 3 * 4 * result['params'] / 2**20
   memory = bench.parse_result(out, 'MEMORY')
   assert memory['train_peak_mib'] >= state_mib
-  assert memory['train_mib_per_img'] == pytest.approx(memory['train_peak_mib'] / 4, abs=0.01)
+  # The peak is printed to 0.1 MiB, the per-image figure to 0.01 from the unrounded peak.
+  assert memory['train_mib_per_img'] == pytest.approx(memory['train_peak_mib'] / 4,
+                                                       abs=0.05 / 4 + 0.005)

@@ -2,6 +2,8 @@
 
 The flag must be set before JAX initializes its backends, hence at import time here.
 """
+import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -40,3 +42,37 @@ def tiny_config(digits_data_dir):
   config = tiny.get_config()
   config.data.data_dir = digits_data_dir
   return config
+
+
+@contextlib.contextmanager
+def _flock(path: str, operation: int):
+  with open(path, 'a') as f:
+    fcntl.flock(f, operation)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """Tests marked `alone` run while no other test worker is inside a test.
+
+  Processes that must meet within a deadline (jax.distributed's collectives give up
+  after 30 s) are starved by a second worker's compiles on a 2-core machine. Every test
+  holds a shared lock, an `alone` test an exclusive one; a waiting `alone` test holds
+  the turnstile, so no new test starts before it has run.
+  """
+  run_id = os.environ.get('PYTEST_XDIST_TESTRUNUID')
+  if not run_id:  # One process: nothing runs beside the test.
+    yield
+    return
+  base = os.path.join(tempfile.gettempdir(), f'ldm_jax_tests_{os.getuid()}_{run_id}')
+  if item.get_closest_marker('alone'):
+    with _flock(base + '.turnstile', fcntl.LOCK_EX), _flock(base + '.lock', fcntl.LOCK_EX):
+      yield
+  else:
+    with _flock(base + '.turnstile', fcntl.LOCK_EX):
+      pass
+    with _flock(base + '.lock', fcntl.LOCK_SH):
+      yield

@@ -14,6 +14,9 @@ from ldm_jax import checkpointing, input_pipeline, sharding, train
 from ldm_jax import stages
 from ldm_jax.errors import UserError
 
+# Two processes that must meet within jax.distributed's deadlines: no other test beside them.
+pytestmark = pytest.mark.alone
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 OVERRIDES = {
