@@ -9,6 +9,11 @@
 | diffusion     | T = 1000, sqrt-linear β 0.0015 → 0.0195, eps-prediction       |
 | optimization  | batch 48, lr 9.6e-5 (2e-6 × 48), 410k steps                  |
 | sampling      | DDIM, 200 steps (η = 0)                                      |
+
+CompVis's `celebahq-ldm-vq-4.yaml` gives `attention_resolutions: [8, 4, 2]`: downsampling
+factors of the 64x64 latents, i.e. feature maps of 8, 16 and 32, which is what
+`attention_resolutions` names here: (32, 16, 8).
+
 Needs the TFDS `celeb_a_hq/256` data prepared by hand (see TFDS docs) and accelerators.
 """
 import ml_collections

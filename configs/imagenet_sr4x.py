@@ -9,9 +9,14 @@ latents of a KL-f4 first stage, whose 64x64 latent grid matches it pixel for pix
 | ------------- | -------------------------------------------------------------- |
 | data          | TFDS `imagenet2012` (manual download), 256x256 center crops; the condition is the 4x area downsample |
 | first stage   | KL-f4: channels 128·(1, 2, 4), 2 blocks/level, z 64x64x3        |
-| U-Net         | 160 channels ·(1, 2, 2, 4), 2 res blocks, self-attention at 16/8, 32-dim heads |
+| U-Net         | 160 channels ·(1, 2, 2, 4), 2 res blocks, self-attention at 8x8, 32-dim heads |
 | conditioning  | concat: 64x64x3 low-res + presence flag on 64x64x3 latents     |
 | sampling      | DDIM, 100 steps, no guidance                                   |
+
+CompVis's `bsr_sr/config.yaml` gives `attention_resolutions: [16, 8]`, which are
+downsampling factors of the 64x64 latents, not feature-map sizes: its four levels
+downsample by 1, 2, 4 and 8, so 16 never occurs and 8 is the 8x8 level. Here
+`attention_resolutions` names feature-map sizes, hence (8,).
 
 Needs the TFDS `imagenet2012` data prepared by hand (see TFDS docs) and accelerators.
 """
@@ -30,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder.optim.update(learning_rate=4.5e-6 * 12, warmup_steps=0,
                                   lr_schedule='constant', b1=0.5, b2=0.9)
   config.diffusion.model.update(base_channels=160, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
-                                attention_resolutions=(16, 8), head_dim=32, norm_num_groups=32)
+                                attention_resolutions=(8,), head_dim=32, norm_num_groups=32)
   config.diffusion.cond_drop_prob = 0.0
   config.diffusion.conditioning.update(name='concat')
   config.diffusion.conditioning.concat.update(factor=4)

@@ -62,6 +62,8 @@ flags.DEFINE_string('workdir', None, 'Root of the runs: WORKDIR/<variant>/seed_<
 flags.DEFINE_bool('dry_run', False, 'Print the commands, one line per run; run nothing.')
 flags.DEFINE_list('only', [], 'Run only these variants (names); all when empty.')
 flags.DEFINE_list('seeds', [], "Run only these of the sweep's seeds; all when empty.")
+flags.DEFINE_list('samplers', [], "Evaluate only with these of the sweep's samplers (names); "
+                  'all when empty.')
 flags.DEFINE_string('results_dir', '', 'Where results.{csv,md} and plots go (default: WORKDIR).')
 
 # Metrics where smaller is better; every other metric is better when larger.
@@ -207,9 +209,9 @@ def _stage_one(config) -> dict[str, Any]:
 
 
 def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = (),
-         seeds: Sequence[int] = ()) -> list[Run]:
-  """The runs of a sweep (variant-major, then seed), restricted to the variants `only`
-  and the seeds `seeds` when given."""
+         seeds: Sequence[int] = (), samplers: Sequence[str] = ()) -> list[Run]:
+  """The runs of a sweep (variant-major, then seed), restricted to the variants `only`,
+  the seeds `seeds` and the evaluations of `samplers` (names) when given."""
   names = [v['name'] for v in sweep['variants']]
   missing = sorted(set(only) - set(names))
   if missing:
@@ -218,6 +220,11 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = (),
   if missing:
     raise UserError(f'--seeds names seeds {missing} the sweep does not have; it has '
                     f'{list(sweep["seeds"])}')
+  sampler_names = [s['name'] for s in sweep['samplers']]
+  missing = sorted(set(samplers) - set(sampler_names))
+  if missing:
+    raise UserError(f'--samplers names unknown samplers {missing}; the sweep has '
+                    f'{sampler_names}')
   shared = None
   if sweep['share_autoencoder']:
     shared = _stage_one(_config_with(sweep['config'], sweep['overrides']))
@@ -243,6 +250,8 @@ def plan(sweep: dict[str, Any], root: str, only: Sequence[str] = (),
       steps = int(config.diffusion.num_train_steps)
       evaluations = []
       for sampler in sweep['samplers'] or ({'name': ''},):
+        if samplers and sampler['name'] not in samplers:
+          continue
         eval_overrides = {**overrides, **sampler_overrides(sampler)}
         _config_with(config_path, eval_overrides)  # An unknown sample field stops here.
         path = stages.metrics_path(workdir, steps)
@@ -584,9 +593,10 @@ def write_results(runs: Sequence[Run], directory: str, title: str) -> list[dict[
 
 
 def run_sweep(sweep_path: str, root: str, *, dry_run: bool = False, only: Sequence[str] = (),
-              results_dir: str = '', seeds: Sequence[int] = ()) -> None:
+              results_dir: str = '', seeds: Sequence[int] = (),
+              samplers: Sequence[str] = ()) -> None:
   sweep = load_sweep(sweep_path)
-  runs = plan(sweep, root, only, seeds)
+  runs = plan(sweep, root, only, seeds, samplers)
   if dry_run:
     if sweep['share_autoencoder']:
       print(' '.join(autoencoder_command(sweep, root)))
@@ -624,7 +634,7 @@ def main(argv: list[str]) -> None:
     except ValueError:
       raise UserError(f'--seeds={",".join(FLAGS.seeds)}: accepted: integers, e.g. --seeds=0')
     run_sweep(FLAGS.sweep, FLAGS.workdir, dry_run=FLAGS.dry_run, only=FLAGS.only,
-              results_dir=FLAGS.results_dir, seeds=seeds)
+              results_dir=FLAGS.results_dir, seeds=seeds, samplers=FLAGS.samplers)
   except UserError as e:
     sys.exit(f'error: {e}')
 

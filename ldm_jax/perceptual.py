@@ -26,6 +26,7 @@ import numpy as np
 from ldm_jax import fileio
 from ldm_jax.errors import UserError
 from ldm_jax.models import inception
+from ldm_jax.models.layers import SmallMapConv
 
 # lpips' ScalingLayer: inputs in [-1, 1] -> (x - shift) / scale.
 SHIFT = (-0.030, -0.088, -0.188)
@@ -51,34 +52,6 @@ def conv_indices() -> list[int]:
   return indices
 
 
-# Below this side, a 3x3 convolution runs as one matmul over its nine shifted inputs:
-# XLA:CPU's convolution takes ~100x longer than that matmul on VGG's 2x2x512 maps (the
-# deepest ones of 16x16 or 32x32 images) and ~10x on 1x1 maps; from 4x4 up they tie.
-_MATMUL_BELOW = 4
-
-
-class Conv3x3(nn.Module):
-  """A 3x3, stride-1, zero-padded convolution with `nn.Conv`'s parameters (HWIO kernel,
-  bias), computed as a matmul over the shifted inputs on small feature maps."""
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (3, 3, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    height, width = x.shape[1:3]
-    if min(height, width) >= _MATMUL_BELOW:
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    else:
-      padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      columns = jnp.concatenate([padded[:, dy:dy + height, dx:dx + width]
-                                 for dy in range(3) for dx in range(3)], axis=-1)
-      y = columns @ kernel.reshape(-1, self.features)  # [B, h, w, 9 C_in] @ [9 C_in, C_out]
-    return y + bias
-
-
 class VGG16Features(nn.Module):
   """VGG16's trunk; returns the five feature maps LPIPS compares.
 
@@ -94,7 +67,8 @@ class VGG16Features(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         index += 1
         continue
-      x = nn.relu(Conv3x3(layer, name=f'features_{index}')(x))
+      # The deepest maps are 2x2 and 1x1 for 32x32 images: `SmallMapConv`.
+      x = nn.relu(SmallMapConv(layer, name=f'features_{index}')(x))
       index += 2
       if index - 1 in TAPS:
         outputs.append(x)

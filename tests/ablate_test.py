@@ -101,6 +101,13 @@ def test_dry_run_with_samplers_evaluates_each_run_once_per_sampler(tmp_path, dig
     assert '--mode=eval' in command
     assert f'--config.sample.method={method} --config.sample.num_steps={steps}' in command
     assert move == f'mv {eval_dir}/metrics_4.json {eval_dir}/metrics_4.{name}.json'
+  ablate.run_sweep(sweep, str(tmp_path / 'runs'), dry_run=True, samplers=['ddpm8'], seeds=[0])
+  line = capsys.readouterr().out.strip().splitlines()[1]
+  assert line.count('--mode=eval') == 1 and 'metrics_4.ddpm8.json' in line
+  with pytest.raises(UserError, match="unknown samplers \\['ddim'\\]"):
+    ablate.plan(ablate.load_sweep(sweep), str(tmp_path), samplers=['ddim'])
+  with pytest.raises(UserError, match='seeds \\[3\\] the sweep does not have'):
+    ablate.plan(ablate.load_sweep(sweep), str(tmp_path), seeds=[3])
   bad = write_sweep(tmp_path / 'bad.py', digits_data_dir,
                     "samplers=(dict(name='a', method='ddim'), dict(name='a', num_steps=2)),")
   with pytest.raises(UserError, match='samplers must be dicts with unique names'):

@@ -43,3 +43,18 @@ def test_config_validates_and_builds(path):
                        t, y)
   assert out.shape == latents.shape
   assert models.count_params(unet_params['params']) > 0
+
+
+@pytest.mark.parametrize('name, compvis_factors', [
+    ('celebahq256_ldm_kl4', (8, 4, 2)),   # celebahq-ldm-vq-4.yaml
+    ('celebahq256_ldm_vq4', (8, 4, 2)),
+    ('imagenet_sr4x', (16, 8)),           # bsr_sr/config.yaml
+])
+def test_attention_translates_compvis_downsampling_factors(name, compvis_factors):
+  """CompVis lists attention by downsampling factor (a factor the U-Net never reaches is
+  ignored there); these configs name the same levels by feature-map size."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  side = builders.latent_shape(config)[0]
+  reached = [2 ** i for i in range(len(config.diffusion.model.channel_mult))]
+  expected = sorted(side // f for f in compvis_factors if f in reached)
+  assert sorted(config.diffusion.model.attention_resolutions) == expected

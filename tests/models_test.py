@@ -563,3 +563,19 @@ def test_count_params():
   assert count_params(params) == 3 * 3 * 2 * 4 + 4 + 1
   dense = jax.eval_shape(nn.Dense(5).init, jax.random.key(0), jnp.zeros((1, 7)))
   assert count_params(dense) == 7 * 5 + 5
+
+
+@pytest.mark.parametrize('side, kernel, stride', [(2, 3, 1), (4, 4, 2), (8, 4, 2)])
+def test_small_map_conv_equals_the_convolution(side, kernel, stride):
+  """Both paths of `SmallMapConv` (matmul up to 4x4 maps, XLA's convolution above) give
+  `nn.Conv`'s output from the same parameters."""
+  from ldm_jax.models.layers import SmallMapConv
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 5))
+  padding = ((1, 1), (1, 1))
+  conv = nn.Conv(7, (kernel, kernel), strides=stride, padding=padding)
+  params = conv.init(jax.random.PRNGKey(1), x)
+  small = SmallMapConv(7, (kernel, kernel), strides=(stride, stride), padding=padding)
+  assert jax.tree.map(jnp.shape, small.init(jax.random.PRNGKey(1), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(small.apply(params, x), conv.apply(params, x), atol=1e-5)

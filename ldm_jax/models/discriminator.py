@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.layers import SmallMapConv
+
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d
 LEAKY_SLOPE = 0.2
 
@@ -53,8 +55,10 @@ class NLayerDiscriminator(nn.Module):
     init = nn.initializers.normal(0.02)  # taming's weights_init for convs.
 
     def conv(features, stride, bias, index):
-      return nn.Conv(features, (4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=bias,
-                     kernel_init=init, dtype=self.dtype, name=f'main_{index}')
+      # Its last layers see 4x4 .. 2x2 maps of 256-512 channels: `SmallMapConv`.
+      return SmallMapConv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                          use_bias=bias, kernel_init=init, dtype=self.dtype,
+                          name=f'main_{index}')
 
     h = nn.leaky_relu(conv(self.ndf, 2, True, 0)(x.astype(self.dtype)), LEAKY_SLOPE)
     index, mult = 2, 1

@@ -98,6 +98,73 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 
 
+# Input maps up to this side are convolved as one matmul over the kernel's shifted
+# inputs (`SmallMapConv`): below 4x4, XLA:CPU's convolution is ~100x slower than that
+# matmul for hundreds of channels (VGG16's 2x2x512 maps) and its gradients more so (the
+# PatchGAN's last layers, from 4x4 maps); at 4x4 both take about the same time.
+MATMUL_CONV_MAX_SIDE = 4
+
+
+def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """`lax.conv_general_dilated` (NHWC, HWIO) as one matmul over the shifted inputs (im2col).
+
+  Args:
+    x: [B, H, W, C_in].
+    kernel: [kh, kw, C_in, C_out].
+    strides: (sy, sx).
+    padding: ((top, bottom), (left, right)) zeros.
+
+  Returns:
+    [B, H', W', C_out], the convolution's output.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out_h = (padded.shape[1] - kh) // strides[0] + 1
+  out_w = (padded.shape[2] - kw) // strides[1] + 1
+  columns = jnp.concatenate([
+      padded[:, dy:dy + strides[0] * (out_h - 1) + 1:strides[0],
+             dx:dx + strides[1] * (out_w - 1) + 1:strides[1]]
+      for dy in range(kh) for dx in range(kw)], axis=-1)  # [B, H', W', kh * kw * C_in]
+  return columns @ kernel.reshape(kh * kw * c_in, c_out)
+
+
+class SmallMapConv(nn.Module):
+  """`nn.Conv` (same parameters: HWIO `kernel`, `bias`) that runs as `conv_as_matmul` on
+  maps of at most `MATMUL_CONV_MAX_SIDE` on a side; the same function either way.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: (sy, sx).
+    padding: ((top, bottom), (left, right)).
+    use_bias: add a bias.
+    kernel_init: the kernel's initializer.
+    dtype: compute dtype (parameters stay float32).
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if min(x.shape[1:3]) <= MATMUL_CONV_MAX_SIDE:
+      y = conv_as_matmul(x, kernel, self.strides, self.padding)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
                        flip_sin_to_cos: bool = True,
                        downscale_freq_shift: float = 0.0) -> jax.Array:
