@@ -28,10 +28,8 @@ sample metrics. 16x16 (the digits are upsampled 8x8 scans) keeps the four LPIPS
 trainings within the study's budget: VGG16 costs ~8x the small autoencoder's step.
 One seed: the budget did not allow two.
 """
+from experiments import digits16
 
-# The files `python -m experiments.lpips_weights --out_dir=runs/lpips` writes.
-LPIPS_OVERRIDES = {'autoencoder.lpips_vgg_weights': 'runs/lpips/vgg16_features.npz',
-                   'autoencoder.lpips_lin_weights': 'runs/lpips/lpips_vgg_v0.1.npz'}
 # configs/digits_vq_gan.py's discriminator, for the KL model with a GAN.
 GAN = {'autoencoder.disc.weight': 0.5, 'autoencoder.disc.start': 200,
        'autoencoder.disc.num_layers': 2, 'autoencoder.disc.ndf': 32,
@@ -42,17 +40,9 @@ def get_sweep():
   return dict(
       config='configs/default.py',
       overrides={
-          'data.image_size': 16,
-          'diffusion.num_train_steps': 600,
-          'diffusion.schedule': 'scaled_linear',
-          'diffusion.prediction_type': 'v',
+          **digits16.STAGE2_OVERRIDES,
           'diffusion.model.channel_mult': (1, 2),
           'diffusion.model.attention_resolutions': (2,),
-          'train.log_every': 50,
-          'sample.method': 'ddim',
-          'sample.num_steps': 50,
-          'eval.num_samples': 300,
-          **LPIPS_OVERRIDES,
       },
       variants=[
           dict(name='l1-kl'),

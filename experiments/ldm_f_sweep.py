@@ -31,10 +31,7 @@ the first stage's reconstruction PSNR/LPIPS (`ae_*`), stage-2 training throughpu
 measured (perceptual_weight stays 0); its weights are the files
 experiments/lpips_weights.py writes to runs/lpips (run it first).
 """
-
-# The files `python -m experiments.lpips_weights --out_dir=runs/lpips` writes.
-LPIPS_OVERRIDES = {'autoencoder.lpips_vgg_weights': 'runs/lpips/vgg16_features.npz',
-                   'autoencoder.lpips_lin_weights': 'runs/lpips/lpips_vgg_v0.1.npz'}
+from experiments import digits16
 
 # f -> (first-stage block_out_channels, U-Net channel_mult, attention_resolutions).
 FACTORS = {
@@ -59,17 +56,7 @@ def _variant(f: int) -> dict:
 def get_sweep():
   return dict(
       config='configs/default.py',
-      overrides={
-          'data.image_size': 16,
-          'diffusion.num_train_steps': 600,
-          'diffusion.schedule': 'scaled_linear',
-          'diffusion.prediction_type': 'v',
-          'train.log_every': 50,
-          'sample.method': 'ddim',
-          'sample.num_steps': 50,
-          'eval.num_samples': 300,
-          **LPIPS_OVERRIDES,
-      },
+      overrides=digits16.STAGE2_OVERRIDES,
       variants=[_variant(f) for f in (8, 4, 2, 1)],
       seeds=(0, 1),
       share_autoencoder=False,
