@@ -151,6 +151,27 @@ def test_attention_implementations_compute_the_softmax_attention():
     dot_product_attention(q, k, v, 'flash')
 
 
+def test_softmax_attention_gradients_equal_jax_attention():
+  """The recomputing backward pass gives JAX's own attention gradients (and values)."""
+  from ldm_jax.models.layers import softmax_attention
+
+  b, t, s, heads, d = 2, 16, 12, 4, 32
+  q, k, v, d_out = (_normal(i, shape) for i, shape in enumerate(
+      [(b, t, heads, d), (b, s, heads, d), (b, s, heads, d), (b, t, heads, d)]))
+  reference = functools.partial(jax.nn.dot_product_attention, implementation='xla')
+  for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    args = [a.astype(dtype) for a in (q, k, v)]
+    ours, vjp = jax.vjp(jax.jit(softmax_attention), *args)
+    expected, vjp_expected = jax.vjp(reference, *args)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(np.float32(ours), np.float32(expected), rtol=tolerance,
+                               atol=tolerance)
+    for got, want in zip(vjp(d_out.astype(dtype)), vjp_expected(d_out.astype(dtype))):
+      assert got.dtype == dtype
+      np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tolerance,
+                                 atol=tolerance * float(jnp.abs(np.float32(want)).max()))
+
+
 def test_cudnn_attention_is_not_chosen_for_a_program_lowered_for_the_cpu(monkeypatch):
   from ldm_jax.models import layers
 

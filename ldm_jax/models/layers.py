@@ -5,6 +5,7 @@ Submodule names follow diffusers (`norm1`, `conv1`, `time_emb_proj`, `to_q`, ...
 modules by renaming alone. All modules take NHWC inputs.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ REMAT_POLICIES = {
 
 # How self-attention is computed (`attention_impl` model field); every choice computes
 # softmax(q k^T / sqrt(D)) v with a float32 softmax:
-#   'xla': XLA's einsum + softmax path, on every backend;
+#   'xla': `softmax_attention`, einsums and a float32 softmax compiled by XLA, on
+#     every backend;
 #   'cudnn': cuDNN's fused flash attention (NVIDIA GPU, float16/bfloat16 only; an
 #     unsupported device, dtype or shape is an error);
 #   'auto': 'cudnn' where it is supported, otherwise 'xla'; never fails.
@@ -82,7 +84,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f'unknown attention_impl {impl!r}; accepted: '
                      f'{", ".join(map(repr, ATTENTION_IMPLS))}')
   if impl == 'xla' or (impl == 'auto' and not cudnn_attention_supported(q, k, v)):
-    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+    return softmax_attention(q, k, v)
   if impl == 'cudnn':
     if not cudnn_attention_supported(q, k, v):
       raise ValueError(
@@ -95,7 +97,79 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   try:  # 'auto' on a supported device: a check inside JAX may still refuse the shapes.
     return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
   except (ValueError, NotImplementedError, RuntimeError):
-    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+    return softmax_attention(q, k, v)
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+  """[B, T, N, D] <-> [B, N, T, D]: each head's tokens contiguous, so that every
+  product below is a plain batched matmul (XLA:CPU runs the token-major forms of
+  these einsums 3x slower)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q k^T / sqrt(D) per head in float32, q, k [B, N, T|S, D]: [B, N, T, S]."""
+  logits = jnp.einsum('bntd,bnsd->bnts', q, k, preferred_element_type=jnp.float32)
+  return logits * (q.shape[-1] ** -0.5)
+
+
+def _attention_forward(q, k, v):
+  """Heads-first attention: (out [B, N, T, D], log of each row's softmax total)."""
+  logits = _attention_logits(q, k)
+  peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, N, T, 1]
+  weights = jnp.exp(logits - peak)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  # Normalized after the product with v: one division per output, not per weight.
+  out = jnp.einsum('bnts,bnsd->bntd', weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / total).astype(q.dtype), peak + jnp.log(total)
+
+
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v per head, the softmax in float32 (XLA, any backend).
+
+  The same function as `jax.nn.dot_product_attention(implementation='xla')`,
+  computed with fewer passes over the [B, N, T, S] weights: they are normalized after
+  the product with v, and the backward pass recomputes them from the per-row
+  log-sum-exp instead of keeping them, so a layer's memory for the backward pass is
+  that of q, k, v and the output (as in flash attention, without its tiling).
+
+  Args:
+    q: [B, T, N, D] queries.
+    k: [B, S, N, D] keys.
+    v: [B, S, N, D] values.
+
+  Returns:
+    [B, T, N, D] in q's dtype.
+  """
+  q, k, v = map(_heads_first, (q, k, v))
+  return _heads_first(_attention_forward(q, k, v)[0])
+
+
+def _softmax_attention_fwd(q, k, v):
+  q, k, v = map(_heads_first, (q, k, v))
+  out, log_total = _attention_forward(q, k, v)
+  return _heads_first(out), (q, k, v, out, log_total)
+
+
+def _softmax_attention_bwd(residuals, d_out):
+  q, k, v, out, log_total = residuals  # Heads first.
+  d_out = _heads_first(d_out)
+  weights = jnp.exp(_attention_logits(q, k) - log_total)  # [B, N, T, S], rows sum to 1.
+  d_v = jnp.einsum('bnts,bntd->bnsd', weights.astype(d_out.dtype), d_out,
+                   preferred_element_type=jnp.float32)
+  d_weights = jnp.einsum('bntd,bnsd->bnts', d_out, v, preferred_element_type=jnp.float32)
+  # Softmax backward: dL/dlogit = w * (dL/dw - sum_s w dL/dw), and sum_s w dL/dw is
+  # the row's d_out . out.
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = (weights * (d_weights - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+  d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum('bnts,bntd->bnsd', d_logits, q, preferred_element_type=jnp.float32)
+  return tuple(_heads_first(d.astype(x.dtype)) for d, x in ((d_q, q), (d_k, k), (d_v, v)))
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 # Input maps up to this side are convolved as one matmul over the kernel's shifted
@@ -201,8 +275,89 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
   return emb
 
 
+def _group_sums(per_channel: jax.Array, num_groups: int) -> jax.Array:
+  """[B, C] per-channel sums -> [B, C], each channel holding its group's sum."""
+  b, c = per_channel.shape
+  groups = per_channel.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
+  return jnp.broadcast_to(groups, (b, num_groups, c // num_groups)).reshape(b, c)
+
+
+def _group_moments(x: jax.Array, num_groups: int, epsilon: float):
+  """x [B, P, C] float32 -> per-channel (group mean, 1 / group std), each [B, 1, C].
+
+  Two passes (the mean, then the squared deviations from it): E[x^2] - E[x]^2 loses
+  precision for large activations. Each pass sums over positions first, a
+  reduction along contiguous channel vectors, and then over a group's channels.
+  """
+  count = x.shape[1] * (x.shape[2] // num_groups)
+  mean = _group_sums(x.sum(1), num_groups)[:, None] / count
+  variance = _group_sums(jnp.square(x - mean).sum(1), num_groups)[:, None] / count
+  return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm_apply(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                     epsilon: float, dtype: Dtype) -> jax.Array:
+  """GroupNorm of x [B, ..., C] with per-channel `scale` and `bias`, in float32, as `dtype`.
+
+  The function of `flax.linen.GroupNorm(use_fast_variance=False,
+  force_float32_reductions=True)`; its backward pass keeps only x and the [B, C]
+  statistics and takes every reduction it needs in one pass over the gradient.
+  """
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+  x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)  # [B, P, C]
+  mean, inv_std = _group_moments(x3, num_groups, epsilon)
+  y = (x3 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y.reshape(x.shape).astype(dtype), (x, scale, bias, mean, inv_std)
+
+
+def _group_norm_bwd(num_groups, epsilon, dtype, residuals, d_y):
+  del epsilon, dtype
+  x, scale, bias, mean, inv_std = residuals
+  b, c = x.shape[0], x.shape[-1]
+  x_hat = (x.reshape(b, -1, c).astype(jnp.float32) - mean) * inv_std  # [B, P, C]
+  d_y = d_y.reshape(x_hat.shape).astype(jnp.float32)
+  d_bias_b, d_scale_b = d_y.sum(1), (d_y * x_hat).sum(1)  # [B, C] each.
+  scale32 = scale.astype(jnp.float32)
+  count = x_hat.shape[1] * (c // num_groups)
+  # d x_hat = d_y * scale; dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
+  # the means over each (image, group).
+  mean_d = _group_sums(d_bias_b * scale32, num_groups)[:, None] / count
+  mean_dx = _group_sums(d_scale_b * scale32, num_groups)[:, None] / count
+  d_x = inv_std * (d_y * scale32 - mean_d - x_hat * mean_dx)
+  return (d_x.reshape(x.shape).astype(x.dtype), d_scale_b.sum(0).astype(scale.dtype),
+          d_bias_b.sum(0).astype(bias.dtype))
+
+
+group_norm_apply.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over the last axis (parameters `scale` and `bias`, as flax's GroupNorm).
+
+  Attributes:
+    num_groups: groups (must divide the channels).
+    epsilon: added to the variance.
+    dtype: output dtype; the statistics and the normalization run in float32.
+  """
+
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    return group_norm_apply(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+
+
 def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
-               dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+               dtype: Dtype = jnp.float32) -> GroupNorm:
   """Creates a GroupNorm after checking that `channels` splits into `num_groups`.
 
   Flax's own error for a bad split does not say which layer failed; this one names
@@ -216,16 +371,14 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
     dtype: output dtype; the mean and variance are always reduced in float32.
 
   Returns:
-    An unbound `nn.GroupNorm` registered under `name` in the calling module.
+    An unbound `GroupNorm` registered under `name` in the calling module.
   """
   if num_groups <= 0 or channels % num_groups:
     raise ValueError(
         f'GroupNorm {name!r}: {channels} channels are not divisible by '
         f'norm_num_groups={num_groups}'
     )
-  # Two-pass variance: E[x^2] - E[x]^2 loses precision for large activations.
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, use_fast_variance=False,
-                      dtype=dtype, force_float32_reductions=True, name=name)
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name)
 
 
 def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
