@@ -1,7 +1,7 @@
 """A/B timings of XLA CPU flags on small convolution and matmul programs.
 
     python benchmarks/cpu_flags_ab.py                  # every variant, 2 rounds
-    python benchmarks/cpu_flags_ab.py --rounds=3 --variants=base,no_ynn
+    python benchmarks/cpu_flags_ab.py --rounds=3 --variants=base,no_ynn_conv,no_ynn
 
 Each (variant, round) is a fresh process (XLA reads XLA_FLAGS once, at start-up),
 run in the order A B C ... A B C ..., so that a machine whose load changes affects
@@ -29,6 +29,8 @@ VARIANTS = {
     # XLA's default CPU convolutions and dots go through YNNPACK fusions; an empty
     # type list turns them off (convolutions then run on Eigen).
     'no_ynn': '--xla_cpu_experimental_ynn_fusion_type=',
+    # Only convolutions leave YNNPACK (ldm_jax's default, see ldm_jax/xla_flags.py).
+    'no_ynn_conv': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
     'no_xnn': '--xla_cpu_experimental_xnn_fusion_type=',
     'onednn': '--xla_cpu_use_onednn=true',
     'no_eigen_threads': '--xla_cpu_multi_thread_eigen=false',

@@ -30,6 +30,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -526,7 +527,7 @@ def bench_first_stage(config, *, batch_size: int | None = None, repeats: int = 3
   batch = {'image': images}
   lpips_params = perceptual.LPIPS().init(jax.random.PRNGKey(1), images[:1],
                                          images[:1])['params']
-  rows = {}
+  rows, calls = {}, {}
   for name, gan in (('plain', False), ('lpips_gan', True)):
     with config.unlocked():
       c.perceptual_weight = 1.0 if gan else 0.0
@@ -541,10 +542,22 @@ def bench_first_stage(config, *, batch_size: int | None = None, repeats: int = 3
                                        lr_schedule=schedule))
       args = (state, batch)
     compiled, compile_s = _compile(step, *args)
-    seconds = _seconds_per_call(lambda: compiled(*args), repeats)
-    rows[name] = dict(compile_s=compile_s, step_s=seconds, gflops=model_flops(step, *args) / 1e9)
-    print(f'first_stage {name:>9}: batch {batch_size}  compile {compile_s:6.1f} s  '
-          f'step {seconds * 1e3:9.1f} ms  {rows[name]["gflops"]:9.1f} GFLOP')
+    calls[name] = functools.partial(compiled, *args)
+    jax.block_until_ready(calls[name]())  # Warm-up.
+    rows[name] = dict(compile_s=compile_s, gflops=model_flops(step, *args) / 1e9)
+  # The two steps take turns, so that a change in the machine's speed during the
+  # measurement touches both; each reports its median.
+  seconds = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      seconds[name].append(time.perf_counter() - start)
+  for name, row in rows.items():
+    row['step_s'] = float(np.median(seconds[name]))
+    print(f'first_stage {name:>9}: batch {batch_size}  compile {row["compile_s"]:6.1f} s  '
+          f'step {row["step_s"] * 1e3:9.1f} ms (median of {repeats}, alternating)  '
+          f'{row["gflops"]:9.1f} GFLOP')
   ratio = rows['lpips_gan']['step_s'] / rows['plain']['step_s']
   flop_ratio = rows['lpips_gan']['gflops'] / max(rows['plain']['gflops'], 1e-9)
   print(f'RESULT first_stage_time_ratio={ratio:.2f} first_stage_flop_ratio={flop_ratio:.2f}')
