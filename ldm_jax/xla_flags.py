@@ -30,7 +30,7 @@ DEFAULT_FLAGS: dict[str, str] = {
 }
 # XLA aborts on a flag it does not know: the defaults are added only for the jaxlib
 # versions they were checked with (tests/xla_flags_test.py starts one with them).
-JAXLIB_VERSIONS = ((0, 10), (0, 13))  # [first, last) as (major, minor).
+JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) as (major, minor).
 # Set to 0 (or false/no/off) to add none of DEFAULT_FLAGS.
 OPT_OUT_VARIABLE = 'LDM_JAX_XLA_DEFAULTS'
 

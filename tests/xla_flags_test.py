@@ -37,7 +37,7 @@ def test_apply_sets_the_environment_unless_opted_out():
   environ = {}
   assert xla_flags.apply_defaults(environ, _DEFAULTS, jaxlib_version='0.9.2') == ''
   assert 'XLA_FLAGS' not in environ
-  assert xla_flags.jaxlib_supported('0.10.2') and not xla_flags.jaxlib_supported('0.13.0')
+  assert xla_flags.jaxlib_supported('0.10.2') and not xla_flags.jaxlib_supported('0.11.0')
 
 
 def test_this_jaxlib_accepts_the_default_flags():
