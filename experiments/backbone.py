@@ -13,20 +13,13 @@ steps gave noise-like samples, which would leave nothing to compare. Samples com
 DDIM-50 with guidance 2, 500 per run for the metrics. The table also gives each
 backbone's measured training throughput (train_img_per_s).
 """
+from experiments import digits16
 
 
 def get_sweep():
   return dict(
       config='configs/default.py',
-      overrides={
-          'diffusion.num_train_steps': 600,
-          'diffusion.schedule': 'scaled_linear',
-          'diffusion.prediction_type': 'v',
-          'train.log_every': 50,
-          'sample.method': 'ddim',
-          'sample.num_steps': 50,
-          'eval.num_samples': 500,
-      },
+      overrides={**digits16.SHORT_BUDGET, 'eval.num_samples': 500},
       variants=[
           dict(name='unet'),
           dict(name='dit', config='configs/digits_dit.py'),
