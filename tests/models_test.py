@@ -172,6 +172,28 @@ def test_softmax_attention_gradients_equal_jax_attention():
                                  atol=tolerance * float(jnp.abs(np.float32(want)).max()))
 
 
+def test_group_norm_values_and_gradients_equal_flax_group_norm():
+  """The hand-written backward pass gives Flax's GroupNorm gradients (x, scale, bias)."""
+  import flax.linen as nn
+
+  from ldm_jax.models.layers import GroupNorm
+
+  x = _normal(0, (3, 5, 6, 16)) * 3 + 2  # Off-centre, so the mean matters.
+  d_y = _normal(1, x.shape)
+  flax_norm = nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False,
+                           force_float32_reductions=True)
+  params = flax_norm.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: p + _normal(2, p.shape), params)
+  def loss(module):
+    return jax.jit(jax.value_and_grad(
+        lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)) * d_y), argnums=(0, 1)))
+  (value, grads), (expected_value, expected_grads) = (
+      loss(m)(params, x) for m in (GroupNorm(num_groups=4, epsilon=1e-5), flax_norm))
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_cudnn_attention_is_not_chosen_for_a_program_lowered_for_the_cpu(monkeypatch):
   from ldm_jax.models import layers
 

@@ -311,12 +311,12 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
   x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)  # [B, P, C]
   mean, inv_std = _group_moments(x3, num_groups, epsilon)
   y = (x3 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-  return y.reshape(x.shape).astype(dtype), (x, scale, bias, mean, inv_std)
+  return y.reshape(x.shape).astype(dtype), (x, scale, mean, inv_std)
 
 
 def _group_norm_bwd(num_groups, epsilon, dtype, residuals, d_y):
   del epsilon, dtype
-  x, scale, bias, mean, inv_std = residuals
+  x, scale, mean, inv_std = residuals  # scale and bias are both float32 parameters.
   b, c = x.shape[0], x.shape[-1]
   x_hat = (x.reshape(b, -1, c).astype(jnp.float32) - mean) * inv_std  # [B, P, C]
   d_y = d_y.reshape(x_hat.shape).astype(jnp.float32)
@@ -329,7 +329,7 @@ def _group_norm_bwd(num_groups, epsilon, dtype, residuals, d_y):
   mean_dx = _group_sums(d_scale_b * scale32, num_groups)[:, None] / count
   d_x = inv_std * (d_y * scale32 - mean_d - x_hat * mean_dx)
   return (d_x.reshape(x.shape).astype(x.dtype), d_scale_b.sum(0).astype(scale.dtype),
-          d_bias_b.sum(0).astype(bias.dtype))
+          d_bias_b.sum(0).astype(scale.dtype))
 
 
 group_norm_apply.defvjp(_group_norm_fwd, _group_norm_bwd)
