@@ -34,7 +34,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import builders, conditioning, first_stage, generate, models, optim, perceptual
+from ldm_jax import builders, conditioning, first_stage, generate, host_memory, models, optim
+from ldm_jax import perceptual
 from ldm_jax import rss, sampling, sharding, stages, train
 from ldm_jax.errors import UserError
 from ldm_jax.results import parse_result
@@ -338,16 +339,20 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
       nonlocal state
       state, metrics = step(state, batch, schedule)
       return metrics
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     train_s = _seconds_per_call(train_call, repeats)
+    # Over the warm-up and timed calls: what each step costs in fresh pages.
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (repeats + 1)
     train_memory_mib = memory.peak_mib()
     train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
                           train_flops)
     print(f'MEMORY train_peak_mib={train_memory_mib:.1f} '
-          f'train_mib_per_img={train_memory_mib / batch_size:.2f} ({memory.method}; state, '
+          f'train_mib_per_img={train_memory_mib / batch_size:.2f} '
+          f'train_page_faults_per_step={faults:.0f} ({memory.method}; state, '
           f'activations and update of batch {batch_size})', flush=True)
     result.update(train_img_per_s=batch_size / train_s)
     extra.update(train_flops_per_image=train_flops, train_peak_mib=train_memory_mib,
-                 train_mib_per_img=train_memory_mib / batch_size)
+                 train_mib_per_img=train_memory_mib / batch_size, train_page_faults=faults)
 
   if 'sample' in parts:
     params = (state if state is not None else init(1.0)).params
@@ -579,6 +584,7 @@ def benchmark_of(argv: list[str]) -> str:
 
 
 def main(argv: list[str]) -> None:
+  print(f'host memory: {host_memory.describe()}', flush=True)
   name = benchmark_of(argv)
   print(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}')
   try:

@@ -31,7 +31,8 @@ DEFAULT_FLAGS: dict[str, str] = {
 # XLA aborts on a flag it does not know: the defaults are added only for the jaxlib
 # versions they were checked with (tests/xla_flags_test.py starts one with them).
 JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) as (major, minor).
-# Set to 0 (or false/no/off) to add none of DEFAULT_FLAGS.
+# Set to 0 (or false/no/off) to add none of DEFAULT_FLAGS (nor the huge pages of
+# ldm_jax/host_memory.py).
 OPT_OUT_VARIABLE = 'LDM_JAX_XLA_DEFAULTS'
 
 _FLAG_NAME = re.compile(r'--?([A-Za-z0-9_]+)')
@@ -80,6 +81,11 @@ def jaxlib_supported(version: str | None = None) -> bool:
   return JAXLIB_VERSIONS[0] <= major_minor < JAXLIB_VERSIONS[1]
 
 
+def opted_out(environ: Mapping[str, str]) -> bool:
+  """Whether `LDM_JAX_XLA_DEFAULTS` turns ldm_jax's runtime defaults off (0/false/no/off)."""
+  return environ.get(OPT_OUT_VARIABLE, '1').strip().lower() in ('0', 'false', 'no', 'off')
+
+
 def apply_defaults(environ: dict[str, str] | None = None,
                    defaults: Mapping[str, str] | None = None,
                    jaxlib_version: str | None = None) -> str:
@@ -94,8 +100,7 @@ def apply_defaults(environ: dict[str, str] | None = None,
   environ = os.environ if environ is None else environ
   defaults = DEFAULT_FLAGS if defaults is None else defaults
   current = environ.get('XLA_FLAGS', '')
-  if (environ.get(OPT_OUT_VARIABLE, '1').strip().lower() in ('0', 'false', 'no', 'off')
-      or not jaxlib_supported(jaxlib_version)):
+  if opted_out(environ) or not jaxlib_supported(jaxlib_version):
     return current
   value = merged(current, defaults)
   if value:
