@@ -27,7 +27,6 @@ environment) with the tunable added, before JAX is imported. Nothing happens whe
 Only how the memory is paged changes; what is computed does not.
 """
 import os
-import platform
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -53,9 +52,12 @@ def transparent_huge_pages(path: str = THP_ENABLED) -> str | None:
 
 def glibc_version() -> tuple[int, int] | None:
   """(major, minor) of the C library when it is glibc, else None."""
-  name, version = platform.libc_ver()
-  match = re.match(r'(\d+)\.(\d+)', version)
-  return (int(match.group(1)), int(match.group(2))) if name == 'glibc' and match else None
+  try:
+    version = os.confstr('CS_GNU_LIBC_VERSION') or ''  # 'glibc 2.36' (the running library).
+  except (AttributeError, ValueError, OSError):  # Not a GNU system.
+    return None
+  match = re.fullmatch(r'glibc (\d+)\.(\d+).*', version)
+  return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def tunables_with_huge_pages(environ: Mapping[str, str], thp_mode: str | None,
