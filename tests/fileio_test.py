@@ -85,6 +85,7 @@ _ALLOWED = {
     ('ablate.py', "with open(log_path, 'a') as log:"): 'a subprocess writes a local log live',
     ('rss.py', 'with open(_STATUS) as f:'): "the kernel's /proc files of this process",
     ('rss.py', "with open(_CLEAR_REFS, 'w') as f:"): "the kernel's /proc files of this process",
+    ('host_memory.py', 'with open(path) as f:'): "the kernel's /sys setting of huge pages",
 }
 
 
