@@ -341,7 +341,7 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
       return metrics
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     train_s = _seconds_per_call(train_call, repeats)
-    # Over the warm-up and timed calls: what each step costs in fresh pages.
+    # Averaged over the warm-up and timed calls, so the first call's one-off pages count.
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (repeats + 1)
     train_memory_mib = memory.peak_mib()
     train_gflops = report('train', f'batch {batch_size}', train_compile_s, train_s, batch_size,
