@@ -194,6 +194,33 @@ def test_group_norm_values_and_gradients_equal_flax_group_norm():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def test_group_norm_with_fused_silu_equals_group_norm_then_silu():
+  """GroupNorm+SiLU as one function (GPUs, TPUs) gives the values and gradients of
+  GroupNorm followed by `nn.silu` (the CPU's order); a bad activation is one line."""
+  from ldm_jax.models import layers
+
+  x = _normal(0, (3, 5, 6, 16)) * 3 + 2
+  d_y = _normal(1, x.shape)
+  scale, bias = _normal(2, (16,)) + 1, _normal(3, (16,))
+  def loss(fused, dtype):
+    def f(x, scale, bias):
+      if fused:
+        y = layers.group_norm_apply(x, scale, bias, 4, 1e-5, dtype, 'silu')
+      else:
+        y = nn.silu(layers.group_norm_apply(x, scale, bias, 4, 1e-5, jnp.float32)).astype(dtype)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * d_y)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, scale, bias)
+  for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    (value, grads), (expected_value, expected_grads) = loss(True, dtype), loss(False, dtype)
+    np.testing.assert_allclose(value, expected_value, rtol=tolerance)
+    for got, want in zip(grads, expected_grads):
+      np.testing.assert_allclose(got, want, rtol=tolerance,
+                                 atol=tolerance * float(jnp.abs(want).max()))
+  assert [layers.fuse_norm_activation(b) for b in ('cpu', 'gpu', 'tpu')] == [False, True, True]
+  with pytest.raises(ValueError, match="GroupNorm 'norm1': unknown activation 'gelu'"):
+    layers.group_norm(16, 4, 1e-5, 'norm1', activation='gelu')
+
+
 def test_cudnn_attention_is_not_chosen_for_a_program_lowered_for_the_cpu(monkeypatch):
   from ldm_jax.models import layers
 

@@ -74,8 +74,8 @@ class Encoder(nn.Module):
           name=f'down_blocks_{i}',
       )(h)
     h = _mid_block(self)(h)
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
-    h = nn.silu(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype,
+                   'silu')(h)
     channels = 2 * self.latent_channels if self.double_z else self.latent_channels
     return nn.Conv(channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
 
@@ -124,8 +124,8 @@ class Decoder(nn.Module):
           dtype=self.dtype,
           name=f'up_blocks_{i}',
       )(h)
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
-    h = nn.silu(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype,
+                   'silu')(h)
     return nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv_out')(h)
 
 

@@ -295,31 +295,62 @@ def _group_moments(x: jax.Array, num_groups: int, epsilon: float):
   return mean, jax.lax.rsqrt(variance + epsilon)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm_apply(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                     epsilon: float, dtype: Dtype) -> jax.Array:
-  """GroupNorm of x [B, ..., C] with per-channel `scale` and `bias`, in float32, as `dtype`.
+# What GroupNorm may apply to its output (`activation`): '' nothing, 'silu' x * sigmoid(x).
+GROUP_NORM_ACTIVATIONS = ('', 'silu')
 
-  The function of `flax.linen.GroupNorm(use_fast_variance=False,
-  force_float32_reductions=True)`; its backward pass keeps only x and the [B, C]
-  statistics and takes every reduction it needs in one pass over the gradient.
+
+def fuse_norm_activation(backend: str) -> bool:
+  """Whether GroupNorm computes its activation inside its own function on `backend`.
+
+  Fused, the backward pass recomputes the activation's input from x and the
+  statistics instead of keeping it. XLA:CPU then recomputes the normalization inside
+  every transpose feeding a weight-gradient convolution, which made the CPU train
+  step 1.1x slower (benchmarks/README.md, row 19), so on the CPU it comes after.
   """
-  return _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype)[0]
+  return backend != 'cpu'
 
 
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+def _normalized(x3, scale, bias, mean, inv_std):
+  """(x - mean) / std * scale + bias in float32; x3 [B, P, C], statistics [B, 1, C]."""
+  return (x3 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def group_norm_apply(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                     epsilon: float, dtype: Dtype, activation: str = '') -> jax.Array:
+  """GroupNorm of x [B, ..., C] with per-channel `scale` and `bias`, then `activation`.
+
+  Computed in float32 and returned as `dtype`. Without an activation it is the
+  function of `flax.linen.GroupNorm(use_fast_variance=False,
+  force_float32_reductions=True)`; with 'silu' it is `nn.silu` of that (in float32).
+  The backward pass keeps only x and the [B, C] statistics and takes every reduction
+  it needs in one pass over the gradient.
+  """
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype, activation)[0]
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype, activation):
   x3 = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)  # [B, P, C]
   mean, inv_std = _group_moments(x3, num_groups, epsilon)
-  y = (x3 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-  return y.reshape(x.shape).astype(dtype), (x, scale, mean, inv_std)
+  y = _normalized(x3, scale, bias, mean, inv_std)
+  if activation == 'silu':
+    y = jax.nn.silu(y)
+  # The bias is needed again only to recompute the activation's input.
+  return (y.reshape(x.shape).astype(dtype),
+          (x, scale, bias if activation else None, mean, inv_std))
 
 
-def _group_norm_bwd(num_groups, epsilon, dtype, residuals, d_y):
+def _group_norm_bwd(num_groups, epsilon, dtype, activation, residuals, d_y):
   del epsilon, dtype
-  x, scale, mean, inv_std = residuals  # scale and bias are both float32 parameters.
+  x, scale, bias, mean, inv_std = residuals  # scale and bias are float32 parameters.
   b, c = x.shape[0], x.shape[-1]
-  x_hat = (x.reshape(b, -1, c).astype(jnp.float32) - mean) * inv_std  # [B, P, C]
+  x3 = x.reshape(b, -1, c).astype(jnp.float32)
+  x_hat = (x3 - mean) * inv_std  # [B, P, C]
   d_y = d_y.reshape(x_hat.shape).astype(jnp.float32)
+  if activation == 'silu':  # d silu(n) / dn = s (1 + n (1 - s)), s = sigmoid(n).
+    n = _normalized(x3, scale, bias, mean, inv_std)
+    s = jax.nn.sigmoid(n)
+    d_y = d_y * (s * (1 + n * (1 - s)))
   d_bias_b, d_scale_b = d_y.sum(1), (d_y * x_hat).sum(1)  # [B, C] each.
   scale32 = scale.astype(jnp.float32)
   count = x_hat.shape[1] * (c // num_groups)
@@ -342,22 +373,29 @@ class GroupNorm(nn.Module):
     num_groups: groups (must divide the channels).
     epsilon: added to the variance.
     dtype: output dtype; the statistics and the normalization run in float32.
+    activation: one of `GROUP_NORM_ACTIVATIONS`, applied to the output; inside the
+      same function where `fuse_norm_activation` says so, after it elsewhere.
   """
 
   num_groups: int
   epsilon: float
   dtype: Dtype = jnp.float32
+  activation: str = ''
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
-    return group_norm_apply(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+    if not self.activation or fuse_norm_activation(jax.default_backend()):
+      return group_norm_apply(x, scale, bias, self.num_groups, self.epsilon, self.dtype,
+                              self.activation)
+    return nn.silu(group_norm_apply(x, scale, bias, self.num_groups, self.epsilon,
+                                    self.dtype))
 
 
 def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
-               dtype: Dtype = jnp.float32) -> GroupNorm:
+               dtype: Dtype = jnp.float32, activation: str = '') -> GroupNorm:
   """Creates a GroupNorm after checking that `channels` splits into `num_groups`.
 
   Flax's own error for a bad split does not say which layer failed; this one names
@@ -369,6 +407,7 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
     epsilon: added to the variance.
     name: submodule name; must be called inside a compact method.
     dtype: output dtype; the mean and variance are always reduced in float32.
+    activation: '' or 'silu' (see `GROUP_NORM_ACTIVATIONS`).
 
   Returns:
     An unbound `GroupNorm` registered under `name` in the calling module.
@@ -378,7 +417,11 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
         f'GroupNorm {name!r}: {channels} channels are not divisible by '
         f'norm_num_groups={num_groups}'
     )
-  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name)
+  if activation not in GROUP_NORM_ACTIVATIONS:
+    raise ValueError(f'GroupNorm {name!r}: unknown activation {activation!r}; accepted: '
+                     f'{", ".join(map(repr, GROUP_NORM_ACTIVATIONS))}')
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+                   activation=activation, name=name)
 
 
 def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
@@ -435,16 +478,16 @@ class ResnetBlock(nn.Module):
       [B, H, W, out_channels].
     """
     in_channels = x.shape[-1]
-    h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1', self.dtype)(x)
-    h = nn.silu(h)
+    h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1', self.dtype,
+                   'silu')(x)
     h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv1')(h)  # [B, H, W, C_out]
     if temb is not None:
       # SiLU before the projection as in diffusers and ADM: the embedding MLP ends in
       # a linear layer, so without it each block would only see a linear map of it.
       proj = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))  # [B, C_out]
       h = h + proj[:, None, None, :]
-    h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2', self.dtype)(h)
-    h = nn.silu(h)
+    h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2', self.dtype,
+                   'silu')(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv2')(h)
     if in_channels != self.out_channels:

@@ -210,8 +210,8 @@ class UNet(nn.Module):
       )(h, block_skips, temb, train=train, **cross)
     assert not skips, 'every skip feature is consumed by the up path'
 
-    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype)(h)
-    h = nn.silu(h)
+    h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype,
+                   'silu')(h)
     # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
     # keeps the first steps stable (Dhariwal & Nichol 2021).
     return nn.Conv(
