@@ -120,12 +120,15 @@ def _checksums(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _integrity(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """(all floating leaves finite, [num_leaves, 2] checksums)."""
-  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-  finite = jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
-  sums = jnp.stack([_checksums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
-  return finite, sums
+def _integrity(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(whether `x` is finite, True if it is not floating; [2] checksums).
+
+  One leaf at a time: a state's leaves share a few dozen shapes, so this compiles a few
+  dozen small programs, reused by every state of those shapes, instead of one large
+  program per state structure.
+  """
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+  return finite, _checksums(x)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -144,10 +147,13 @@ def describe(state: Any) -> tuple[bool, list[list]]:
   process gets the same one.
   """
   with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
-  finite, sums = _integrity([x for _, x in with_paths])
-  finite, sums = bool(_to_host(finite)), _to_host(sums)
-  record = [[jax.tree_util.keystr(path), list(x.shape), np.dtype(x.dtype).name, int(a), int(b)]
-            for (path, x), (a, b) in zip(with_paths, sums)]
+  results = [_integrity(x) for _, x in with_paths]  # Dispatched together, read after.
+  record, finite = [], True
+  for (path, x), (leaf_finite, sums) in zip(with_paths, results):
+    a, b = _to_host(sums)
+    finite &= bool(_to_host(leaf_finite))
+    record.append([jax.tree_util.keystr(path), list(x.shape), np.dtype(x.dtype).name,
+                   int(a), int(b)])
   return finite, record
 
 
