@@ -147,9 +147,11 @@ def describe(state: Any) -> tuple[bool, list[list]]:
   process gets the same one.
   """
   with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
-  results = [_integrity(x) for _, x in with_paths]  # Dispatched together, read after.
   record, finite = [], True
-  for (path, x), (leaf_finite, sums) in zip(with_paths, results):
+  for path, x in with_paths:
+    # Each leaf's result is read before the next is dispatched: programs with collectives
+    # in flight together can starve each other's rendezvous on a host's device threads.
+    leaf_finite, sums = _integrity(x)
     a, b = _to_host(sums)
     finite &= bool(_to_host(leaf_finite))
     record.append([jax.tree_util.keystr(path), list(x.shape), np.dtype(x.dtype).name,
