@@ -174,6 +174,10 @@ def get_config() -> ml_collections.ConfigDict:
       num_samples=100,
       batch_size=100,          # Samples per jitted call (rounded to the device count).
       seed=0,
+      # A bar over each batch's steps. It reports from inside the compiled sampling loop,
+      # and JAX keeps no program that calls back to the host in its persistent
+      # compilation cache, so with it every run compiles the sampler anew.
+      step_progress=False,
   )
 
   # --mode=eval (and train.eval_every): sample metrics against the train split.

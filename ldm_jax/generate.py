@@ -162,13 +162,16 @@ class Sampler:
     self.schedule = builders.make_schedule(config)
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     self._mesh = mesh
-    self._steps = observe.StepProgress(config.sample.num_steps)
+    # Per-step progress only when asked for (config.sample.step_progress): its host
+    # callback keeps the sampler out of the persistent compilation cache.
+    self._steps = (observe.StepProgress(config.sample.num_steps)
+                   if config.sample.step_progress else None)
     self._fn = jax.jit(
         functools.partial(generate_images, denoiser=denoiser, autoencoder=autoencoder,
                           sample_config=config.sample,
                           prediction_type=config.diffusion.prediction_type,
                           latent_shape=builders.latent_shape(config),
-                          on_step=self._steps.tick),
+                          on_step=self._steps and self._steps.tick),
         in_shardings=(replicated, replicated, replicated, data, replicated, replicated, data),
         out_shardings=data)
     # Wall seconds per image of the last `generate` (sampling and decoding): the median
@@ -204,12 +207,14 @@ class Sampler:
       batch_labels, batch_conditions = jax.device_put(
           jax.tree.map(lambda a: a[i:i + self.batch_size], padded),
           sharding.data_sharding(self._mesh))
-      self._steps.start()
+      if self._steps:
+        self._steps.start()
       images = self._fn(params, ae_params, scale_factor, batch_labels,
                         jax.random.fold_in(base_rng, i // self.batch_size), self.schedule,
                         batch_conditions)
       outputs.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
-      self._steps.close()
+      if self._steps:
+        self._steps.close()
       seconds.append(time.perf_counter() - start)
     self.seconds_per_image = float(np.median(seconds[1:] or seconds)) / self.batch_size
     images = input_pipeline.postprocess(np.concatenate(outputs)[:num_samples])

@@ -240,18 +240,27 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_2x2(setup, diffusion, tr
 # --------------------------------------------------------------- sampler ----
 
 
-def test_sampler_takes_fsdp_sharded_params(setup, trained):
+def test_sampler_takes_fsdp_sharded_params(setup, trained, capsys):
+  """Same images from replicated and FSDP-sharded weights; the per-step bar is optional and
+  only it puts a host callback (which bars the persistent compilation cache) in the program."""
   config, autoencoder, unet, ae_state, _ = setup
   config = config.copy_and_resolve_references()
   config.sample.update(num_steps=2, batch_size=8)
   images = []
-  for name in ('1', '2x4'):
+  for name, step_progress in (('1', False), ('2x4', True)):
     mesh = _mesh(name)
     state, _ = trained(name)
+    config.sample.step_progress = step_progress
     sampler = generate.Sampler(config, mesh, unet, autoencoder)
     ae_params = jax.device_put(ae_state.params, sharding.state_sharding(ae_state.params, mesh))
+    capsys.readouterr()
     images.append(sampler.generate(state.ema_params, ae_params, state.scale_factor,
                                    num_samples=8)[0])
+    assert ('sampling steps' in capsys.readouterr().err) == step_progress
+    program = sampler._fn.lower(*jax.device_get((state.ema_params, ae_state.params)),
+                                state.scale_factor, np.zeros(8, np.int32),
+                                jax.random.PRNGKey(0), sampler.schedule, None).as_text()
+    assert ('callback' in program) == step_progress
   assert images[0].shape == (8, 16, 16, 1)
   # uint8 pixels: float differences of 1e-6 may round one step apart.
   assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
