@@ -120,15 +120,15 @@ def _checksums(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _integrity(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(whether `x` is finite, True if it is not floating; [2] checksums).
+def _integrity(x: jax.Array) -> jax.Array:
+  """[3] uint32: 1 if `x` is finite (or not floating) else 0, then its two checksums.
 
   One leaf at a time: a state's leaves share a few dozen shapes, so this compiles a few
   dozen small programs, reused by every state of those shapes, instead of one large
   program per state structure.
   """
   finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-  return finite, _checksums(x)
+  return jnp.concatenate([finite.astype(jnp.uint32)[None], _checksums(x)])
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -151,9 +151,8 @@ def describe(state: Any) -> tuple[bool, list[list]]:
   for path, x in with_paths:
     # Each leaf's result is read before the next is dispatched: programs with collectives
     # in flight together can starve each other's rendezvous on a host's device threads.
-    leaf_finite, sums = _integrity(x)
-    a, b = _to_host(sums)
-    finite &= bool(_to_host(leaf_finite))
+    leaf_finite, a, b = _to_host(_integrity(x))
+    finite &= bool(leaf_finite)
     record.append([jax.tree_util.keystr(path), list(x.shape), np.dtype(x.dtype).name,
                    int(a), int(b)])
   return finite, record

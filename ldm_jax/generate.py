@@ -171,7 +171,7 @@ class Sampler:
                           sample_config=config.sample,
                           prediction_type=config.diffusion.prediction_type,
                           latent_shape=builders.latent_shape(config),
-                          on_step=self._steps and self._steps.tick),
+                          on_step=self._steps.tick if self._steps else None),
         in_shardings=(replicated, replicated, replicated, data, replicated, replicated, data),
         out_shardings=data)
     # Wall seconds per image of the last `generate` (sampling and decoding): the median
