@@ -96,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
                                         # of each block in the backward pass (less memory).
           attention_impl='auto',        # auto | xla | cudnn: how self-attention is computed
                                         # (auto: cuDNN fused attention on NVIDIA GPUs in bf16/fp16).
+          fuse_norm_activation=False,   # GroupNorm+SiLU as one function (slower on CPU and H200).
       ),
       # A diffusers UNet2DModel folder that stage 2 starts from; the U-Net is built from
       # its config.json (`model` above is then unused).

@@ -299,17 +299,6 @@ def _group_moments(x: jax.Array, num_groups: int, epsilon: float):
 GROUP_NORM_ACTIVATIONS = ('', 'silu')
 
 
-def fuse_norm_activation(backend: str) -> bool:
-  """Whether GroupNorm computes its activation inside its own function on `backend`.
-
-  Fused, the backward pass recomputes the activation's input from x and the
-  statistics instead of keeping it. XLA:CPU then recomputes the normalization inside
-  every transpose feeding a weight-gradient convolution, which made the CPU train
-  step 1.1x slower (benchmarks/README.md, row 19), so on the CPU it comes after.
-  """
-  return backend != 'cpu'
-
-
 def _normalized(x3, scale, bias, mean, inv_std):
   """(x - mean) / std * scale + bias in float32; x3 [B, P, C], statistics [B, 1, C]."""
   return (x3 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
@@ -373,21 +362,25 @@ class GroupNorm(nn.Module):
     num_groups: groups (must divide the channels).
     epsilon: added to the variance.
     dtype: output dtype; the statistics and the normalization run in float32.
-    activation: one of `GROUP_NORM_ACTIVATIONS`, applied to the output; inside the
-      same function where `fuse_norm_activation` says so, after it elsewhere.
+    activation: one of `GROUP_NORM_ACTIVATIONS`, applied to the output.
+    fuse_activation: compute the activation inside the norm's own function, whose
+      backward pass recomputes its input from x and the statistics instead of
+      keeping it. Off by default: the train step was slower fused on the CPU (1.1x)
+      and on an H200 (1.02x) (benchmarks/README.md, rows 19 and 26).
   """
 
   num_groups: int
   epsilon: float
   dtype: Dtype = jnp.float32
   activation: str = ''
+  fuse_activation: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
-    if not self.activation or fuse_norm_activation(jax.default_backend()):
+    if not self.activation or self.fuse_activation:
       return group_norm_apply(x, scale, bias, self.num_groups, self.epsilon, self.dtype,
                               self.activation)
     return nn.silu(group_norm_apply(x, scale, bias, self.num_groups, self.epsilon,
@@ -395,7 +388,8 @@ class GroupNorm(nn.Module):
 
 
 def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
-               dtype: Dtype = jnp.float32, activation: str = '') -> GroupNorm:
+               dtype: Dtype = jnp.float32, activation: str = '',
+               fuse_activation: bool = False) -> GroupNorm:
   """Creates a GroupNorm after checking that `channels` splits into `num_groups`.
 
   Flax's own error for a bad split does not say which layer failed; this one names
@@ -408,6 +402,7 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
     name: submodule name; must be called inside a compact method.
     dtype: output dtype; the mean and variance are always reduced in float32.
     activation: '' or 'silu' (see `GROUP_NORM_ACTIVATIONS`).
+    fuse_activation: the activation inside the norm's function (`GroupNorm`).
 
   Returns:
     An unbound `GroupNorm` registered under `name` in the calling module.
@@ -421,7 +416,7 @@ def group_norm(channels: int, num_groups: int, epsilon: float, name: str,
     raise ValueError(f'GroupNorm {name!r}: unknown activation {activation!r}; accepted: '
                      f'{", ".join(map(repr, GROUP_NORM_ACTIVATIONS))}')
   return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
-                   activation=activation, name=name)
+                   activation=activation, fuse_activation=fuse_activation, name=name)
 
 
 def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()):
@@ -456,6 +451,7 @@ class ResnetBlock(nn.Module):
     norm_eps: GroupNorm epsilon.
     dropout: dropout rate before the second conv (active only with `train=True`).
     dtype: compute dtype of convs, projections and norm outputs (params stay float32).
+    fuse_norm_activation: each SiLU inside its GroupNorm's function (`GroupNorm`).
   """
 
   out_channels: int
@@ -463,6 +459,7 @@ class ResnetBlock(nn.Module):
   norm_eps: float
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  fuse_norm_activation: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None,
@@ -479,7 +476,7 @@ class ResnetBlock(nn.Module):
     """
     in_channels = x.shape[-1]
     h = group_norm(in_channels, self.norm_num_groups, self.norm_eps, 'norm1', self.dtype,
-                   'silu')(x)
+                   'silu', self.fuse_norm_activation)(x)
     h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv1')(h)  # [B, H, W, C_out]
     if temb is not None:
       # SiLU before the projection as in diffusers and ADM: the embedding MLP ends in
@@ -487,7 +484,7 @@ class ResnetBlock(nn.Module):
       proj = nn.Dense(self.out_channels, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))  # [B, C_out]
       h = h + proj[:, None, None, :]
     h = group_norm(self.out_channels, self.norm_num_groups, self.norm_eps, 'norm2', self.dtype,
-                   'silu')(h)
+                   'silu', self.fuse_norm_activation)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name='conv2')(h)
     if in_channels != self.out_channels:
@@ -625,7 +622,7 @@ def _resnet_block(block: nn.Module, channels: int, name: str) -> nn.Module:
   # `train` (argument 3, counting self) selects dropout: a Python value, not traced.
   cls = remat(ResnetBlock, block.remat, static_argnums=(3,))
   return cls(channels, block.norm_num_groups, block.norm_eps, block.dropout,
-             dtype=block.dtype, name=name)
+             dtype=block.dtype, fuse_norm_activation=block.fuse_norm_activation, name=name)
 
 
 def _attention_block(block: nn.Module, name: str) -> nn.Module:
@@ -670,6 +667,7 @@ class DownBlock(nn.Module):
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
     attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
+    fuse_norm_activation: each ResnetBlock's SiLUs inside their GroupNorms' functions.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -686,6 +684,7 @@ class DownBlock(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = ''
   attention_impl: str = 'auto'
+  fuse_norm_activation: bool = False
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -732,6 +731,7 @@ class MidBlock(nn.Module):
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
     attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
+    fuse_norm_activation: each ResnetBlock's SiLUs inside their GroupNorms' functions.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -744,6 +744,7 @@ class MidBlock(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = ''
   attention_impl: str = 'auto'
+  fuse_norm_activation: bool = False
   transformer_depth: int = 0
   use_linear_projection: bool = False
 
@@ -774,6 +775,7 @@ class UpBlock(nn.Module):
     remat: rematerialisation policy of each ResnetBlock / AttentionBlock, a key of
       `REMAT_POLICIES`.
     attention_impl: how the AttentionBlocks attend, one of `ATTENTION_IMPLS`.
+    fuse_norm_activation: each ResnetBlock's SiLUs inside their GroupNorms' functions.
     transformer_depth: 0 for self-attention layers; > 0 for spatial transformers
       of this depth that also cross-attend to the `context` given at call time.
     use_linear_projection: spatial transformer projections as Dense, not 1x1 conv.
@@ -789,6 +791,7 @@ class UpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = ''
   attention_impl: str = 'auto'
+  fuse_norm_activation: bool = False
   transformer_depth: int = 0
   use_linear_projection: bool = False
 

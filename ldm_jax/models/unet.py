@@ -69,6 +69,9 @@ class UNet(nn.Module):
       'auto' (cuDNN fused attention on NVIDIA GPUs for float16/bfloat16, else XLA),
       'xla' or 'cudnn'. The same function either way; spatial transformers
       (`context_dim > 0`) always use XLA.
+    fuse_norm_activation: each GroupNorm+SiLU as one function whose backward pass
+      recomputes the SiLU's input (`layers.GroupNorm`); the same function either way,
+      off by default (slower on the CPU and on an H200, benchmarks/README.md).
     dtype: compute dtype (float32 or bfloat16). Parameters stay float32, GroupNorm
       statistics and the attention softmax are float32, and the prediction is
       returned as float32 so that losses and samplers run in float32.
@@ -96,6 +99,7 @@ class UNet(nn.Module):
   freq_shift: float = 0.0
   remat: str = ''
   attention_impl: str = 'auto'
+  fuse_norm_activation: bool = False
   dtype: Dtype = jnp.float32
 
   @property
@@ -175,6 +179,7 @@ class UNet(nn.Module):
         transformer_depth=self.transformer_depth if self.context_dim > 0 else 0,
         use_linear_projection=self.use_linear_projection,
         dtype=self.dtype, remat=self.remat, attention_impl=self.attention_impl,
+        fuse_norm_activation=self.fuse_norm_activation,
     )
     cross = dict(context=context, context_mask=context_mask)
     num_levels = len(self.channel_mult)
@@ -211,7 +216,7 @@ class UNet(nn.Module):
     assert not skips, 'every skip feature is consumed by the up path'
 
     h = group_norm(h.shape[-1], self.norm_num_groups, self.norm_eps, 'conv_norm_out', self.dtype,
-                   'silu')(h)
+                   'silu', self.fuse_norm_activation)(h)
     # Zero init: the untrained model predicts 0 (the mean of the eps/v targets), which
     # keeps the first steps stable (Dhariwal & Nichol 2021).
     return nn.Conv(
@@ -245,6 +250,8 @@ def check_fields(fields: Mapping[str, Any], latent_size: int) -> None:
   attention_impl = fields.get('attention_impl', 'auto')
   if attention_impl not in ATTENTION_IMPLS:
     raise FieldError('attention_impl', attention_impl, ', '.join(map(repr, ATTENTION_IMPLS)))
+  if not isinstance(fields.get('fuse_norm_activation', False), bool):
+    raise FieldError('fuse_norm_activation', fields['fuse_norm_activation'], 'True or False')
   factor = 2 ** (len(channel_mult) - 1)
   if latent_size % factor:
     raise FieldError('channel_mult', channel_mult,
