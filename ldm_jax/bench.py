@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ldm_jax import builders, conditioning, first_stage, generate, host_memory, models, optim
-from ldm_jax import perceptual
+from ldm_jax import observe, perceptual
 from ldm_jax import rss, sampling, sharding, stages, train
 from ldm_jax.errors import UserError
 from ldm_jax.results import parse_result
@@ -61,6 +61,10 @@ flags.DEFINE_list('devices', [], 'train benchmark: time the train step on each o
                   'counts (e.g. 1,2,4,8), data-parallel and FSDP, one process each (on the CPU '
                   'with that many host devices), with the per-device batch of the config, and '
                   'print the scaling efficiency.')
+flags.DEFINE_string('profile_dir', '', 'train benchmark: after timing, trace --profile_steps train '
+                    'steps into this directory with the JAX profiler and print the ops that '
+                    'take the most time (device kernels on GPUs and TPUs).')
+flags.DEFINE_integer('profile_steps', 3, 'train benchmark: steps traced with --profile_dir.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -205,16 +209,18 @@ class MemoryWindow:
   """Peak memory of a stretch of the run, in MiB, above what was in use at its start.
 
   On devices with allocator statistics (GPU, TPU): the first device's
-  `peak_bytes_in_use` at the end minus its `bytes_in_use` at the start. On the CPU:
-  the process's peak RSS above its RSS at the start (`rss.PeakWindow`), the method
-  the PyTorch side of `benchmarks/side_by_side.py` uses.
+  `peak_bytes_in_use` at the end minus its `bytes_in_use` at the start. That peak
+  cannot be reset, so when earlier work in the process peaked higher and the window
+  never passes it, the figure is only an upper bound, and `method` says so. On the
+  CPU: the process's peak RSS above its RSS at the start (`rss.PeakWindow`), the
+  method the PyTorch side of `benchmarks/side_by_side.py` uses.
   """
 
   def __init__(self):
     self._device = jax.local_devices()[0]
     stats = self._device.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
-      self._start = stats['bytes_in_use']
+      self._start, self._earlier_peak = stats['bytes_in_use'], stats['peak_bytes_in_use']
       self._rss = None
       self.method = 'device peak_bytes_in_use above the start'
     else:
@@ -224,8 +230,11 @@ class MemoryWindow:
   def peak_mib(self) -> float:
     if self._rss is not None:
       return self._rss.peak_mib()
-    stats = self._device.memory_stats() or {}
-    return max(stats.get('peak_bytes_in_use', 0) - self._start, 0) / 2**20
+    peak = (self._device.memory_stats() or {}).get('peak_bytes_in_use', 0)
+    if self._earlier_peak > self._start and peak <= self._earlier_peak:
+      self.method = ('an upper bound: device peak_bytes_in_use, which earlier work in this '
+                     'process reached, above the start')
+    return max(peak - self._start, 0) / 2**20
 
 
 # Dense bfloat16 peak TFLOP/s of one chip by `device_kind` (lower case): the first
@@ -252,7 +261,8 @@ def peak_bf16_tflops(device_kind: str) -> float | None:
 def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                 ddim_steps: int = 50, repeats: int = 3, matmul_size: int = 2048,
                 peak_tflops: float = 0.0, parts: tuple[str, ...] = ('train', 'sample'),
-                devices: list[jax.Device] | None = None, fsdp: bool = False) -> dict:
+                devices: list[jax.Device] | None = None, fsdp: bool = False,
+                profile_dir: str = '', profile_steps: int = 3) -> dict:
   """Times the diffusion train step and DDIM sampling; prints a report and a RESULT line.
 
   Args:
@@ -270,6 +280,9 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
     fsdp: the state sharded over the devices (a (1, n) `data`, `fsdp` mesh) instead
       of replicated on each (a data-parallel (n, 1) mesh); the batch is split over
       the devices either way.
+    profile_dir: where to trace `profile_steps` train steps after timing them; the
+      report then lists the ops that take the most time (`observe.op_time_report`).
+    profile_steps: steps traced into `profile_dir`.
 
   Returns:
     The RESULT fields and the other printed numbers. The RESULT line has
@@ -351,6 +364,10 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
           f'train_page_faults_per_step={faults:.0f} ({memory.method}; state, '
           f'activations and update of batch {batch_size})', flush=True)
     result.update(train_img_per_s=batch_size / train_s)
+    if profile_dir:
+      with jax.profiler.trace(profile_dir):
+        jax.block_until_ready([train_call() for _ in range(profile_steps)])
+      print(observe.op_time_report(profile_dir, profile_steps), flush=True)
     extra.update(train_flops_per_image=train_flops, train_peak_mib=train_memory_mib,
                  train_mib_per_img=train_memory_mib / batch_size, train_page_faults=faults)
 
@@ -420,8 +437,8 @@ def scaling_rows(measured: dict[tuple[int, str], float]) -> list[dict]:
 
 
 def _child_argv(argv: list[str]) -> list[str]:
-  """This run's flags without `--devices`, `--parts`, `--num_devices` and `--fsdp`."""
-  dropped = ('--devices', '--parts', '--num_devices', '--fsdp', '--nofsdp')
+  """This run's flags without those each child sets itself or must not repeat."""
+  dropped = ('--devices', '--parts', '--num_devices', '--fsdp', '--nofsdp', '--profile_dir')
   out, skip = [], False
   for arg in argv:
     if skip:
@@ -500,7 +517,8 @@ def _train_benchmark(config):
   return bench_train(
       config, num_classes=FLAGS.num_classes, sample_batch_size=FLAGS.sample_batch_size,
       ddim_steps=FLAGS.ddim_steps, repeats=FLAGS.repeats, matmul_size=FLAGS.matmul_size,
-      peak_tflops=FLAGS.peak_tflops, parts=tuple(FLAGS.parts), devices=devices, fsdp=FLAGS.fsdp)
+      peak_tflops=FLAGS.peak_tflops, parts=tuple(FLAGS.parts), devices=devices, fsdp=FLAGS.fsdp,
+      profile_dir=FLAGS.profile_dir, profile_steps=FLAGS.profile_steps)
 
 
 BENCHMARKS = {

@@ -200,6 +200,75 @@ class StepProfiler:
       self._active = False
 
 
+def op_times(trace_dir: str) -> tuple[list[tuple[str, float, int, str]], str]:
+  """Time spent in each XLA op of the newest profiler trace under `trace_dir`.
+
+  On GPUs and TPUs, the kernels on the device's streams, each counted under the HLO op
+  that launched it (its `hlo_op` stat; the kernel's own name where it has none). On the
+  CPU, the XLA thunks on the host's threads: with several cores they overlap, and a
+  thunk's time includes waits for the other threads (benchmarks/README.md).
+
+  Returns:
+    (op, seconds, calls, first kernel name) per op, most time first, and what was
+    measured ('device kernels' or 'CPU thunks').
+  """
+  paths = [os.path.join(root, name) for root, _, names in os.walk(trace_dir)
+           for name in names if name.endswith('.xplane.pb')]
+  if not paths:
+    raise UserError(f'no profiler trace (*.xplane.pb) under {trace_dir}')
+  profile = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
+  device_planes = [plane for plane in profile.planes if plane.name.startswith('/device:')]
+  if device_planes:
+    lines = [line for plane in device_planes for line in plane.lines]
+    # Derived lines ('XLA Ops', 'XLA Modules', ...) repeat the streams' time.
+    lines = [line for line in lines if line.name.startswith('Stream')] or lines
+    measured = 'device kernels'
+  else:
+    lines = [line for plane in profile.planes if plane.name == '/host:CPU'
+             for line in plane.lines]
+    measured = 'CPU thunks'
+  totals: dict[str, list] = {}
+  for line in lines:
+    for event in line.events:
+      op = dict(event.stats).get('hlo_op')
+      if op is None and not device_planes:
+        continue  # Host events that are not XLA thunks (Python, thread pools).
+      row = totals.setdefault(str(op or event.name), [0.0, 0, event.name])
+      row[0] += event.duration_ns * 1e-9
+      row[1] += 1
+  rows = sorted(((op, seconds, calls, kernel) for op, (seconds, calls, kernel) in totals.items()),
+                key=lambda row: -row[1])
+  return rows, measured
+
+
+def op_kind(op: str) -> str:
+  """An HLO op's name without its instance number: 'loop_add_fusion.12' -> 'loop_add_fusion'."""
+  base, _, number = op.rpartition('.')
+  return base if base and number.isdigit() else op
+
+
+def op_time_report(trace_dir: str, num_steps: int, top: int = 25) -> str:
+  """Per-step op times of a trace of `num_steps` steps: the largest ops, then by kind."""
+  rows, measured = op_times(trace_dir)
+  total = sum(seconds for _, seconds, _, _ in rows) or float('nan')
+  kinds: dict[str, list] = {}
+  for op, seconds, calls, _ in rows:
+    kind = kinds.setdefault(op_kind(op), [0.0, 0])
+    kind[0] += seconds
+    kind[1] += calls
+  lines = [f'profile: {total / num_steps * 1e3:.1f} ms of {measured} per step '
+           f'({num_steps} steps, {len(rows)} ops); the {top} largest:',
+           f'{"ms/step":>9} {"share":>6} {"calls":>6}  op  [kernel]']
+  for op, seconds, calls, kernel in rows[:top]:
+    lines.append(f'{seconds / num_steps * 1e3:9.2f} {seconds / total:6.1%} '
+                 f'{calls / num_steps:6.0f}  {op}' + (f'  [{kernel[:80]}]' if kernel != op else ''))
+  lines.append('by kind:')
+  for kind, (seconds, calls) in sorted(kinds.items(), key=lambda item: -item[1][0])[:top]:
+    lines.append(f'{seconds / num_steps * 1e3:9.2f} {seconds / total:6.1%} '
+                 f'{calls / num_steps:6.0f}  {kind}')
+  return '\n'.join(lines)
+
+
 # ------------------------------------------------------- compilation cache ----
 
 

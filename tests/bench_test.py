@@ -105,7 +105,7 @@ def test_result_parsing_and_scaling_efficiency():
 
 def test_scaling_children_get_their_devices_and_batch():
   argv = ['--config=configs/bench_unet32.py', '--devices', '1,2', '--repeats=2', '--fsdp',
-          '--parts=sample', '--config.seed=3']
+          '--parts=sample', '--config.seed=3', '--profile_dir', '/tmp/trace']
   command, env = bench.child_command(argv, 4, True, 128, 'cpu')
   assert command[1:] == ['-m', 'ldm_jax.bench', '--config=configs/bench_unet32.py',
                          '--repeats=2', '--config.seed=3', '--parts=train',
@@ -115,13 +115,16 @@ def test_scaling_children_get_their_devices_and_batch():
   assert command[-1] == '--nofsdp' and env.get('XLA_FLAGS') == bench.os.environ.get('XLA_FLAGS')
 
 
-def test_fsdp_train_benchmark_counts_the_state_in_its_memory(tiny_config, capsys):
+def test_fsdp_train_benchmark_counts_the_state_in_its_memory(tiny_config, capsys, tmp_path):
   import jax
 
   tiny_config.data.batch_size = 4
   result = bench.bench_train(tiny_config, repeats=1, matmul_size=64, parts=('train',),
-                             devices=jax.devices()[:2], fsdp=True)
+                             devices=jax.devices()[:2], fsdp=True, profile_dir=str(tmp_path),
+                             profile_steps=2)
   out = capsys.readouterr().out
+  # The traced steps' op table comes after the timing and before the RESULT line.
+  assert '\nprofile: ' in out and '(2 steps, ' in out and 'by kind:' in out
   assert "MFU: left out, no peak rate known for 'cpu'" in out
   assert "mesh {'data': 1, 'fsdp': 2} (FSDP)" in out
   values = bench.parse_result(out)
@@ -133,3 +136,22 @@ def test_fsdp_train_benchmark_counts_the_state_in_its_memory(tiny_config, capsys
   # The peak is printed to 0.1 MiB, the per-image figure to 0.01 from the unrounded peak.
   assert memory['train_mib_per_img'] == pytest.approx(memory['train_peak_mib'] / 4,
                                                        abs=0.05 / 4 + 0.005)
+
+
+def test_device_memory_window_says_when_an_earlier_peak_hides_its_own(monkeypatch):
+  stats = {'bytes_in_use': 100 * 2**20, 'peak_bytes_in_use': 100 * 2**20}
+
+  class FakeDevice:
+    def memory_stats(self):
+      return dict(stats)
+
+  monkeypatch.setattr(bench.jax, 'local_devices', lambda *a, **k: [FakeDevice()])
+  window = bench.MemoryWindow()  # No earlier peak: the window's peak is its own.
+  stats['peak_bytes_in_use'] = 400 * 2**20
+  assert window.peak_mib() == 300 and window.method == 'device peak_bytes_in_use above the start'
+  stats['bytes_in_use'] = 150 * 2**20
+  window = bench.MemoryWindow()  # Starts below the 400 MiB an earlier window reached.
+  stats['peak_bytes_in_use'] = 500 * 2**20  # Passed: exact again.
+  assert window.peak_mib() == 350 and 'upper bound' not in window.method
+  window = bench.MemoryWindow()
+  assert window.peak_mib() == 350 and window.method.startswith('an upper bound')

@@ -85,6 +85,16 @@ def test_profiler_traces_the_steps_after_the_compiling_one(tmp_path):
   traces = glob.glob(str(tmp_path / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   assert not observe.StepProfiler(0, 0, str(tmp_path)).enabled
+  # The trace's op table: each op of the step's program ran once per traced step.
+  rows, measured = observe.op_times(str(tmp_path))
+  assert measured == 'CPU thunks' and rows
+  assert all(seconds > 0 and calls == 2 for _, seconds, calls, _ in rows), rows
+  report = observe.op_time_report(str(tmp_path), num_steps=2)
+  assert report.startswith('profile: ') and '(2 steps, ' in report and rows[0][0] in report
+  assert observe.op_kind('loop_add_fusion.12') == 'loop_add_fusion'
+  assert observe.op_kind('cudnn-conv-bw-filter') == 'cudnn-conv-bw-filter'
+  with pytest.raises(UserError, match='no profiler trace'):
+    observe.op_times(str(tmp_path / 'empty'))
 
 
 def test_compilation_cache_directory_settings(monkeypatch, tmp_path):
