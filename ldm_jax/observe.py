@@ -256,16 +256,17 @@ def op_time_report(trace_dir: str, num_steps: int, top: int = 25) -> str:
     kind = kinds.setdefault(op_kind(op), [0.0, 0])
     kind[0] += seconds
     kind[1] += calls
+  def line(seconds: float, calls: int, name: str) -> str:
+    return (f'{seconds / num_steps * 1e3:9.2f} {seconds / total:6.1%} '
+            f'{calls / num_steps:6.0f}  {name}')
   lines = [f'profile: {total / num_steps * 1e3:.1f} ms of {measured} per step '
            f'({num_steps} steps, {len(rows)} ops); the {top} largest:',
            f'{"ms/step":>9} {"share":>6} {"calls":>6}  op  [kernel]']
-  for op, seconds, calls, kernel in rows[:top]:
-    lines.append(f'{seconds / num_steps * 1e3:9.2f} {seconds / total:6.1%} '
-                 f'{calls / num_steps:6.0f}  {op}' + (f'  [{kernel[:80]}]' if kernel != op else ''))
+  lines += [line(seconds, calls, op + (f'  [{kernel[:80]}]' if kernel != op else ''))
+            for op, seconds, calls, kernel in rows[:top]]
   lines.append('by kind:')
-  for kind, (seconds, calls) in sorted(kinds.items(), key=lambda item: -item[1][0])[:top]:
-    lines.append(f'{seconds / num_steps * 1e3:9.2f} {seconds / total:6.1%} '
-                 f'{calls / num_steps:6.0f}  {kind}')
+  lines += [line(seconds, calls, kind) for kind, (seconds, calls)
+            in sorted(kinds.items(), key=lambda item: -item[1][0])[:top]]
   return '\n'.join(lines)
 
 
