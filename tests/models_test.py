@@ -1,6 +1,7 @@
 """Tests for ldm_jax.models: layers, the KL autoencoder, the U-Net and the registry."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -192,6 +193,17 @@ def test_group_norm_values_and_gradients_equal_flax_group_norm():
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  # On the CPU the per-group statistics reach the passes over x as per-channel [B, C]
+  # arrays of their own, never as [B, groups] broadcast inside each element's loop.
+  hlo = loss(GroupNorm(num_groups=4, epsilon=1e-5)).lower(params, x).compile().as_text()
+  entry = hlo[hlo.index('ENTRY'):]
+  shapes = dict(re.findall(r'%([\w.\-]+) = (\w+\[[\d,]*\])', entry))
+  full_size = [re.findall(r'%([\w.\-]+)', operands) for size, operands in
+               re.findall(r'= f32\[([\d,]+)\]\S* fusion\((.*?)\), kind', entry)
+               if np.prod([int(n) for n in size.split(',')]) == x.size]
+  operand_shapes = {shapes[name] for operands in full_size for name in operands}
+  assert full_size and 'f32[3,16]' in operand_shapes, operand_shapes
+  assert 'f32[3,4]' not in operand_shapes, operand_shapes
 
 
 def test_group_norm_with_fused_silu_equals_group_norm_then_silu():

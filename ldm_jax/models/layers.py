@@ -6,7 +6,7 @@ modules by renaming alone. All modules take NHWC inputs.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -275,11 +275,36 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
   return emb
 
 
+def _own_buffer_on_cpu(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+  """`fn` of one array, whose result XLA:CPU computes into buffers of its own.
+
+  XLA fuses a cheap computation into every loop that reads its result. For GroupNorm's
+  [B, groups] -> [B, C] statistics that puts a division by the group size into each
+  element of the [B, H, W, C] passes that read them, which made those passes 2-3.5x
+  slower on the CPU than reading [B, C] arrays (benchmarks/README.md, row 34).
+  `lax.optimization_barrier` did not keep them apart (row 30); a conditional does: on
+  the CPU, `fn` runs inside `lax.cond` whose two branches are both `fn`, on a predicate
+  XLA cannot fold (x's first element equals itself, false only for NaN). With x split
+  over several CPU devices, that predicate costs one small all-reduce. Other platforms
+  run `fn` as it is.
+  """
+  def on_cpu(x):
+    first = x.reshape(-1)[0]
+    return jax.lax.cond(first == first, fn, fn, x)
+  return lambda x: jax.lax.platform_dependent(x, cpu=on_cpu, default=fn)
+
+
 def _group_sums(per_channel: jax.Array, num_groups: int) -> jax.Array:
-  """[B, C] per-channel sums -> [B, C], each channel holding its group's sum."""
+  """[B, C] per-channel sums -> [B, C], each channel holding its group's sum.
+
+  An array of its own on the CPU (`_own_buffer_on_cpu`), not recomputed per element.
+  """
   b, c = per_channel.shape
-  groups = per_channel.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
-  return jnp.broadcast_to(groups, (b, num_groups, c // num_groups)).reshape(b, c)
+
+  def sums(per_channel):
+    groups = per_channel.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
+    return jnp.broadcast_to(groups, (b, num_groups, c // num_groups)).reshape(b, c)
+  return _own_buffer_on_cpu(sums)(per_channel)
 
 
 def _group_moments(x: jax.Array, num_groups: int, epsilon: float):
