@@ -275,8 +275,8 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
   return emb
 
 
-def _own_buffer_on_cpu(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
-  """`fn` of one array, whose result XLA:CPU computes into buffers of its own.
+def _own_buffer_on_cpu(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+  """`fn(x)`, which XLA:CPU computes into buffers of its own.
 
   XLA fuses a cheap computation into every loop that reads its result. For GroupNorm's
   [B, groups] -> [B, C] statistics that puts a division by the group size into each
@@ -291,7 +291,7 @@ def _own_buffer_on_cpu(fn: Callable[[jax.Array], Any]) -> Callable[[jax.Array], 
   def on_cpu(x):
     first = x.reshape(-1)[0]
     return jax.lax.cond(first == first, fn, fn, x)
-  return lambda x: jax.lax.platform_dependent(x, cpu=on_cpu, default=fn)
+  return jax.lax.platform_dependent(x, cpu=on_cpu, default=fn)
 
 
 def _group_sums(per_channel: jax.Array, num_groups: int) -> jax.Array:
@@ -304,7 +304,7 @@ def _group_sums(per_channel: jax.Array, num_groups: int) -> jax.Array:
   def sums(per_channel):
     groups = per_channel.reshape(b, num_groups, c // num_groups).sum(-1, keepdims=True)
     return jnp.broadcast_to(groups, (b, num_groups, c // num_groups)).reshape(b, c)
-  return _own_buffer_on_cpu(sums)(per_channel)
+  return _own_buffer_on_cpu(sums, per_channel)
 
 
 def _group_moments(x: jax.Array, num_groups: int, epsilon: float):
