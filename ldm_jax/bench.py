@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ldm_jax import builders, conditioning, first_stage, generate, host_memory, models, optim
-from ldm_jax import observe, perceptual
+from ldm_jax import layouts, observe, perceptual
 from ldm_jax import rss, sampling, sharding, stages, train
 from ldm_jax.errors import UserError
 from ldm_jax.results import parse_result
@@ -128,8 +128,9 @@ def bench_sample(config, methods: list[str], steps: list[int], batch_size: int,
 
 
 def _compile(fn, *args) -> tuple[jax.stages.Compiled, float]:
+  """`fn` (a `jax.jit` function or a `layouts.StateStep`) compiled for `args`, and the seconds."""
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = fn.compile(*args) if isinstance(fn, layouts.StateStep) else fn.lower(*args).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -323,7 +324,8 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
   state_sharding = sharding.state_sharding(abstract_state, mesh)
   init, _ = _compile(jax.jit(init_fn, out_shardings=state_sharding), 1.0)
   num_params = models.count_params(abstract_state.params)
-  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}; mesh '
+  print(f'params: {num_params:,}; dtype {config.diffusion.compute_dtype}; state layouts '
+        f'{layouts.state_layouts(config)}; mesh '
         f'{dict(mesh.shape)} ({"FSDP" if fsdp else "data-parallel"})')
   rng_mean, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed))
   result, extra = {}, {}
@@ -340,13 +342,13 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
     train_step = functools.partial(train.diffusion_train_step, denoiser=denoiser, config=config,
                                    lr_schedule=lr_schedule)
     train_flops = train_flops_per_image(config, num_classes)
-    step = jax.jit(train_step, in_shardings=(state_sharding, data, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    step = layouts.StateStep(train_step, state_sharding, (data, replicated), replicated,
+                             layouts.state_layouts(config))
     # Compiled from shapes, so that the memory window below holds the state, the
     # activations and the update, and no compiler work.
-    step, train_compile_s = _compile(step, abstract_state, batch, schedule)
+    _, train_compile_s = _compile(step, abstract_state, batch, schedule)
     memory = MemoryWindow()
-    state = init(1.0)
+    state = init(1.0)  # Moved into the step's layouts by its first (warm-up) call.
 
     def train_call():
       nonlocal state

@@ -41,8 +41,8 @@ import optax
 from absl import logging
 
 from ldm_jax import (checkpointing, diffusion, editing, fileio, input_pipeline, latent_cache,
-                     lora, observe, optim, preemption, schedulers, sharding, stages, train,
-                     train_state)
+                     layouts, lora, observe, optim, preemption, schedulers, sharding, stages,
+                     train, train_state)
 from ldm_jax import images as image_io
 from ldm_jax import stable_diffusion as sd
 from ldm_jax.errors import UserError
@@ -145,7 +145,6 @@ def loss_fn(trainable: Params, frozen: Params, batch: dict[str, jax.Array], rng:
   return jnp.mean((pred - target) ** 2)
 
 
-@functools.partial(jax.jit, static_argnames=('spec',), donate_argnums=(0,))
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], frozen: Params,
                alphas_cumprod: jax.Array, *, spec: StepSpec):
   """One optimizer step: (state, batch) -> (state, metrics)."""
@@ -306,7 +305,9 @@ def train_mode(config: ml_collections.ConfigDict, workdir: str, mesh,
        'text_encoder': pipe.params['text_encoder'], 'vae': pipe.params['vae']}, replicated)
   abar = jax.device_put(schedulers.alphas_cumprod(pipe.scheduler), replicated)
   spec = _spec(config, pipe)
-  step_fn = lambda state, batch: train_step(state, batch, frozen, abar, spec=spec)
+  step = layouts.StateStep(functools.partial(train_step, spec=spec), replicated, None, replicated,
+                           layouts.state_layouts(config))
+  step_fn = lambda state, batch: step(state, batch, frozen, abar)
   writer = stages.summary_writer(workdir, STAGE, config)
   if config.diffusion.cache_latents:
     batches = _cached_batches(config, pipe, mesh, build_cache(config, workdir, pipe), start)

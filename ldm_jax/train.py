@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from ldm_jax import builders, checkpointing, conditioning, diffusion, finetune, grad_accum
 from ldm_jax import images as image_io
 from ldm_jax import input_pipeline, latent_cache, losses, observe, pretrained, preemption
-from ldm_jax import first_stage, sharding, stages
+from ldm_jax import first_stage, layouts, sharding, stages
 from ldm_jax.errors import UserError
 from ldm_jax.train_state import DiffusionTrainState, TrainState
 
@@ -242,11 +242,10 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh):
   if first_stage.uses_objective(config):
     step_fn = _first_stage_step_fn(config, model, lr_schedule, state_sharding, mesh)
   else:
-    step_fn = jax.jit(
+    step_fn = layouts.StateStep(
         functools.partial(autoencoder_train_step, model=model, config=config,
                           lr_schedule=lr_schedule),
-        in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
-        donate_argnums=0)
+        state_sharding, (data,), replicated, layouts.state_layouts(config))
   writer = stages.summary_writer(workdir, 'autoencoder', config)
   eval_batches = _eval_batches(config, mesh)
   reconstruct = jax.jit(lambda p, x: model.apply({'params': p}, x)[0],
@@ -282,10 +281,9 @@ def _first_stage_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
   lpips_params = first_stage.load_lpips_params(config)
   if lpips_params is not None:
     lpips_params = jax.device_put(lpips_params, replicated)
-  step = jax.jit(
-      first_stage.make_train_step(config, model, lr_schedule),
-      in_shardings=(state_sharding, data, replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+  step = layouts.StateStep(first_stage.make_train_step(config, model, lr_schedule),
+                          state_sharding, (data, replicated), replicated,
+                          layouts.state_layouts(config))
   return lambda state, batch: step(state, batch, lpips_params)
 
 
@@ -412,11 +410,10 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh,
     return denoiser, finetune.with_full_params(config, state, base)
 
   replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step_fn = jax.jit(
+  step_fn = layouts.StateStep(
       finetune.with_base(config, functools.partial(
           diffusion_train_step, config=config, lr_schedule=lr_schedule), denoiser),
-      in_shardings=(state_sharding, data, replicated, replicated),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+      state_sharding, (data, replicated, replicated), replicated, layouts.state_layouts(config))
   schedule = builders.make_schedule(config)
   writer = stages.summary_writer(workdir, 'diffusion', config)
   on_images, on_eval = make_hooks(denoiser, writer) if make_hooks else (None, None)

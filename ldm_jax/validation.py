@@ -6,7 +6,7 @@ only compares the config against them, so a new schedule needs no change here.
 import ml_collections
 
 from ldm_jax import builders, conditioning, diffusion, lora, losses, models, optim, sampling
-from ldm_jax import observe, sharding
+from ldm_jax import layouts, observe, sharding
 from ldm_jax.errors import UserError
 from ldm_jax.models import autoencoder
 
@@ -93,6 +93,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, 'train.eval_every', non_negative, 'an integer >= 0 (0 = never)')
   observe.check_report_to(config.train.report_to)
   _check(config, 'train.profile_steps', non_negative, 'an integer >= 0 (0 = no trace)')
+  layouts.state_layouts(config)
   for path in ('eval.num_samples', 'eval.batch_size', 'eval.kid_subsets', 'eval.kid_subset_size',
                'eval.pr_k', 'eval.classifier_steps', 'eval.classifier_batch_size',
                'eval.classifier_features'):

@@ -25,6 +25,7 @@ def test_default_config_is_valid():
     ('diffusion.ema_decay', 1.0, '[0, 1)'),
     ('diffusion.optim.lr_schedule', 'step', 'cosine, constant'),
     ('train.checkpoint_every', 0, 'a positive integer'),
+    ('train.state_layouts', 'tiled', "'default', 'auto'"),
     ('diffusion.compute_dtype', 'float16', 'float32, bfloat16'),
     ('autoencoder.compute_dtype', 'bf16', 'float32, bfloat16'),
     ('diffusion.model.remat', 'all', "'', 'full', 'dots_saveable'"),
