@@ -48,7 +48,8 @@ def _abstract(tree: Any) -> Any:
 class StateStep:
   """`fn(state, *args) -> (state, aux)`, jitted with the state donated.
 
-  With `layouts='default'` a call is a call of the `jax.jit` function. With 'auto' the
+  With `layouts='default'` a call is a call of the `jax.jit` function (or of the program
+  `compile` made). With 'auto' the
   step is compiled on the first call (or by `compile`, from shapes) with the state in
   layouts of XLA's choosing, `formats`; a state that is not the one the last call
   returned (the first one, a restored one) is first moved into them, and the state the
@@ -100,11 +101,11 @@ class StateStep:
     return self._compiled
 
   def __call__(self, state: Any, *args: Any) -> tuple[Any, Any]:
+    if self._layouts == 'default':  # Row-major, as every state starts: nothing to move.
+      if self._compiled is None and self._jitted is None:
+        self._jitted = self._jit(self._state_sharding, self._state_sharding, args)
+      return (self._jitted if self._compiled is None else self._compiled)(state, *args)
     if self._compiled is None:
-      if self._layouts == 'default':
-        if self._jitted is None:
-          self._jitted = self._jit(self._state_sharding, self._state_sharding, args)
-        return self._jitted(state, *args)
       self.compile(state, *args)
     if state is not self._last_state:
       state = jax.device_put(state, self.formats, donate=True)
