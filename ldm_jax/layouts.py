@@ -49,11 +49,10 @@ class StateStep:
   """`fn(state, *args) -> (state, aux)`, jitted with the state donated.
 
   With `layouts='default'` a call is a call of the `jax.jit` function (or of the program
-  `compile` made). With 'auto' the
-  step is compiled on the first call (or by `compile`, from shapes) with the state in
-  layouts of XLA's choosing, `formats`; a state that is not the one the last call
-  returned (the first one, a restored one) is first moved into them, and the state the
-  step returns is already in them.
+  `compile` made). With 'auto' the step is compiled on the first call (or by `compile`,
+  from shapes) with the state in layouts of XLA's choosing, `formats`; a state that is
+  not the one the last call returned (the first one, a restored one) is first moved
+  into them, and the state the step returns is already in them.
 
   Attributes:
     formats: the state's `Format`s (layout and sharding per array), once compiled.
