@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,11 +128,16 @@ def bench_sample(config, methods: list[str], steps: list[int], batch_size: int,
   return rows
 
 
-def _compile(fn, *args) -> tuple[jax.stages.Compiled, float]:
-  """`fn` (a `jax.jit` function or a `layouts.StateStep`) compiled for `args`, and the seconds."""
+def _timed(fn, *args) -> tuple[Any, float]:
+  """`fn(*args)` and the wall seconds it took."""
   start = time.perf_counter()
-  compiled = fn.compile(*args) if isinstance(fn, layouts.StateStep) else fn.lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  out = fn(*args)
+  return out, time.perf_counter() - start
+
+
+def _compile(fn, *args) -> tuple[jax.stages.Compiled, float]:
+  """The `jax.jit` function `fn` compiled for `args`, and the seconds it took."""
+  return _timed(lambda *a: fn.lower(*a).compile(), *args)
 
 
 def model_flops(fn, *args) -> float:
@@ -346,9 +352,9 @@ def bench_train(config, *, num_classes: int = 10, sample_batch_size: int = 16,
                              layouts.state_layouts(config))
     # Compiled from shapes, so that the memory window below holds the state, the
     # activations and the update, and no compiler work.
-    _, train_compile_s = _compile(step, abstract_state, batch, schedule)
+    _, train_compile_s = _timed(step.compile, abstract_state, batch, schedule)
     memory = MemoryWindow()
-    state = init(1.0)  # Moved into the step's layouts by its first (warm-up) call.
+    state = init(1.0)  # With 'auto', moved into the step's layouts by its warm-up call.
 
     def train_call():
       nonlocal state
