@@ -45,14 +45,20 @@ def _abstract(tree: Any) -> Any:
                                      weak_type=getattr(x, 'weak_type', False)), tree)
 
 
+def _into(x: Any, fmt: Format) -> Any:
+  """`x` in the format `fmt`: itself if it is already, else moved there (donated)."""
+  return x if getattr(x, 'format', None) == fmt else jax.device_put(x, fmt, donate=True)
+
+
 class StateStep:
   """`fn(state, *args) -> (state, aux)`, jitted with the state donated.
 
   With `layouts='default'` a call is a call of the `jax.jit` function (or of the program
   `compile` made). With 'auto' the step is compiled on the first call (or by `compile`,
-  from shapes) with the state in layouts of XLA's choosing, `formats`; a state that is
-  not the one the last call returned (the first one, a restored one) is first moved
-  into them, and the state the step returns is already in them.
+  from shapes) with the state in layouts of XLA's choosing, `formats`; the arrays of a
+  state that is not the one the last call returned (the first one, a restored one) are
+  first moved into them where they are not already, and the state the step returns is
+  already in them.
 
   Attributes:
     formats: the state's `Format`s (layout and sharding per array), once compiled.
@@ -107,6 +113,6 @@ class StateStep:
     if self._compiled is None:
       self.compile(state, *args)
     if state is not self._last_state:
-      state = jax.device_put(state, self.formats, donate=True)
+      state = jax.tree.map(_into, state, self.formats)
     self._last_state, aux = self._compiled(state, *args)
     return self._last_state, aux
