@@ -160,9 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Compiled programs kept between runs: 'default' ($JAX_COMPILATION_CACHE_DIR or
       # ~/.cache/ldm_jax/jax) | 'workdir' (WORKDIR/jax_cache, shared by a pod) | '' (off) | a path.
       compilation_cache_dir='default',
-      # The train state's device layouts: 'default' (row-major) | 'auto' (XLA's choice:
-      # no kernel transposes around cuDNN's convolutions; see ldm_jax/layouts.py).
-      state_layouts='default',
+      # The train state's device layouts: 'auto' (XLA's choice: no kernel transposes
+      # around cuDNN's convolutions; see ldm_jax/layouts.py) | 'default' (row-major).
+      state_layouts='auto',
   )
 
   config.sample = dict(
