@@ -64,10 +64,14 @@ def test_step_moves_only_what_is_not_in_its_layouts_and_computes_the_same(mesh, 
     want, loss = reference(want, x)
     want_losses.append(float(loss))
 
-  moved = []  # The shapes of the arrays the step moved into its layouts.
+  moved = []  # The shapes of the arrays the step moved into its layouts (donating them).
   device_put = jax.device_put
-  monkeypatch.setattr(jax, 'device_put', lambda x, *a, donate=False, **k: (
-      donate and moved.append(x.shape)) or device_put(x, *a, donate=donate, **k))
+
+  def counted_device_put(x, *args, donate=False, **kwargs):
+    if donate:
+      moved.append(x.shape)
+    return device_put(x, *args, donate=donate, **kwargs)
+  monkeypatch.setattr(jax, 'device_put', counted_device_put)
   step = layouts.StateStep(_step, state_sharding, (data,), replicated, 'auto')
   state = _krsc(_state(), replicated)
   assert _order(state.params['conv']['kernel']) == KRSC.major_to_minor
