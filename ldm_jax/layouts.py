@@ -67,7 +67,7 @@ class StateStep:
   """
 
   def __init__(self, fn: Callable, state_sharding: Any, arg_shardings: Sequence[Any] | None,
-               aux_sharding: Any, layouts: str = 'default'):
+               aux_sharding: Any, layouts: str):
     """Args: `fn`; the state's sharding (a tree or a prefix of it); the other arguments'
     (None: those of the arrays of the first call); the aux output's; one of `STATE_LAYOUTS`.
     """
