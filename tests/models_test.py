@@ -152,11 +152,14 @@ def test_attention_implementations_compute_the_softmax_attention():
     dot_product_attention(q, k, v, 'flash')
 
 
-def test_softmax_attention_gradients_equal_jax_attention():
-  """The recomputing backward pass gives JAX's own attention gradients (and values)."""
-  from ldm_jax.models.layers import softmax_attention
+@pytest.mark.parametrize('b,t,s', [(2, 16, 12), (4, 320, 256)])
+def test_softmax_attention_gradients_equal_jax_attention(b, t, s):
+  """The recomputing backward pass gives JAX's own attention gradients (and values):
+  at few tokens the five products of every backend, at many (on the CPU) the fused
+  kernels, which write no [B, N, T, S] array (nor its transpose) between them."""
+  from ldm_jax.models.layers import FUSED_ATTENTION_MIN_TOKENS, softmax_attention
 
-  b, t, s, heads, d = 2, 16, 12, 4, 32
+  heads, d = 4, 32
   q, k, v, d_out = (_normal(i, shape) for i, shape in enumerate(
       [(b, t, heads, d), (b, s, heads, d), (b, s, heads, d), (b, t, heads, d)]))
   reference = functools.partial(jax.nn.dot_product_attention, implementation='xla')
@@ -171,6 +174,12 @@ def test_softmax_attention_gradients_equal_jax_attention():
       assert got.dtype == dtype
       np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tolerance,
                                  atol=tolerance * float(jnp.abs(np.float32(want)).max()))
+  grads = jax.jit(jax.grad(lambda *args: jnp.sum(softmax_attention(*args[:3]) * args[3]),
+                           argnums=(0, 1, 2)))
+  entry = grads.lower(q, k, v, d_out).compile().as_text().split('ENTRY')[1]
+  written = set(re.findall(r'= (f32\[[\d,]+\])', entry))
+  weights = {f'f32[{b},{heads},{t},{s}]', f'f32[{b},{heads},{s},{t}]'}
+  assert weights.isdisjoint(written) == (min(t, s) >= FUSED_ATTENTION_MIN_TOKENS), written
 
 
 def test_group_norm_values_and_gradients_equal_flax_group_norm():

@@ -83,6 +83,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'unknown attention_impl {impl!r}; accepted: '
                      f'{", ".join(map(repr, ATTENTION_IMPLS))}')
+  import os
+  if os.environ.get('ATT') == 'none':
+    return v * 1.0001
   if impl == 'xla' or (impl == 'auto' and not cudnn_attention_supported(q, k, v)):
     return softmax_attention(q, k, v)
   if impl == 'cudnn':
@@ -113,16 +116,50 @@ def _attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return logits * (q.shape[-1] ** -0.5)
 
 
-def _attention_forward(q, k, v):
-  """Heads-first attention: (out [B, N, T, D], log of each row's softmax total)."""
-  logits = _attention_logits(q, k)
+def _attention_output(logits, v):
+  """softmax(logits) v and the log of each row's softmax total, logits [B, N, T, S]."""
   peak = jnp.max(logits, axis=-1, keepdims=True)  # [B, N, T, 1]
   weights = jnp.exp(logits - peak)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   # Normalized after the product with v: one division per output, not per weight.
   out = jnp.einsum('bnts,bnsd->bntd', weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return (out / total).astype(q.dtype), peak + jnp.log(total)
+  return out / total, peak + jnp.log(total)
+
+
+def _attention_forward(q, k, v):
+  """Heads-first attention: (out [B, N, T, D], log of each row's softmax total)."""
+  out, log_total = _attention_output(_attention_logits(q, k), v)
+  return out.astype(q.dtype), log_total
+
+
+def _scaled(x: jax.Array) -> jax.Array:
+  """x / sqrt(D), D = x's last axis, in x's dtype."""
+  return x * jnp.asarray(x.shape[-1] ** -0.5, x.dtype)
+
+
+def _attention_forward_cpu(q, k, v):
+  """As `_attention_forward`, for the CPU's fused kernel (see `softmax_attention`).
+
+  The scale goes onto q before the product, as in the backward pass's chains: a
+  constant multiplying a [B, N, T, S] array is one XLA writes out in full once several
+  kernels use it. The log totals are not computed (the CPU backward does not read
+  them; computing them would split the kernel); zeros stand in.
+  """
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  out, log_total = _attention_output(f32('bntd,bnsd->bnts', _scaled(q), k), v)
+  return out.astype(q.dtype), jnp.zeros_like(log_total)
+
+
+def _softmax(logits: jax.Array, axis: int) -> jax.Array:
+  """softmax along `axis` of float32 logits, shifted by the maximum."""
+  weights = jnp.exp(logits - jnp.max(logits, axis=axis, keepdims=True))
+  return weights / jnp.sum(weights, axis=axis, keepdims=True)
+
+
+def _softmax_backward(weights, d_weights, axis):
+  """dL/dlogits = w * (dL/dw - sum_axis w dL/dw), the sum over each softmax's axis."""
+  return weights * (d_weights - jnp.sum(weights * d_weights, axis=axis, keepdims=True))
 
 
 @jax.custom_vjp
@@ -130,10 +167,21 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v per head, the softmax in float32 (XLA, any backend).
 
   The same function as `jax.nn.dot_product_attention(implementation='xla')`,
-  computed with fewer passes over the [B, N, T, S] weights: they are normalized after
-  the product with v, and the backward pass recomputes them from the per-row
-  log-sum-exp instead of keeping them, so a layer's memory for the backward pass is
-  that of q, k, v and the output (as in flash attention, without its tiling).
+  computed with fewer passes over the [B, N, T, S] weights, and keeping only q, k, v
+  and the output for the backward pass (as flash attention does, without its
+  tiling): the backward pass recomputes the weights.
+
+  On most backends the forward pass keeps each row's log-sum-exp and the backward
+  pass recomputes the weights once from it, for five products that pass [B, N, T, S]
+  arrays between them. On the CPU, where T and S both reach
+  `FUSED_ATTENTION_MIN_TOKENS` (and B N min(T, S) reaches 4,096, what XLA:CPU needs
+  to fuse the softmax statistics), the forward pass and each gradient are instead one
+  chain of products that YNNPACK, XLA:CPU's kernel library, runs as a single fused
+  kernel without writing the weights to memory: d_q from the weights row by row, d_k
+  and d_v from them column by column (key by key), so that each product contracts the
+  matrix's last axis. That recomputes q k^T three times and d_out v^T twice, and at
+  16x16 (T = S = 256, batch 32) took 0.85x the wall time and 0.87x the CPU time of
+  the five products (benchmarks/README.md, row 40).
 
   Args:
     q: [B, T, N, D] queries.
@@ -143,30 +191,85 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Returns:
     [B, T, N, D] in q's dtype.
   """
-  q, k, v = map(_heads_first, (q, k, v))
-  return _heads_first(_attention_forward(q, k, v)[0])
+  return _softmax_attention_fwd(q, k, v)[0]
+
+
+# Where the CPU runs attention as fused kernels (`softmax_attention`): they pay for
+# recomputing q k^T and d_out v^T only where the [T, S] weights are large. With T and
+# S from 256 tokens on (16x16 maps) the gradient took 0.66-0.92x the CPU time of the
+# five separate products; at 128 or fewer tokens, or against 77 text tokens, 1.06-1.3x
+# (benchmarks/README.md, row 40).
+FUSED_ATTENTION_MIN_TOKENS = 256
+# XLA:CPU takes an elementwise op into a YNNPACK kernel only if it or an operand holds
+# this many elements; smaller [B, N, T] softmax statistics would split each kernel.
+_YNN_MIN_ELEMENTS = 4096
+
+
+def _by_platform(cpu_fused, default, q, k, *args):
+  """`cpu_fused(q, k, *args)` on the CPU where fused kernels pay off, else `default`.
+
+  q and k are heads first, [B, N, T, D] and [B, N, S, D].
+  """
+  b, heads, t, _ = q.shape
+  tokens = min(t, k.shape[2])
+  if tokens < FUSED_ATTENTION_MIN_TOKENS or b * heads * tokens < _YNN_MIN_ELEMENTS:
+    return default(q, k, *args)
+  return jax.lax.platform_dependent(q, k, *args, cpu=cpu_fused, default=default)
 
 
 def _softmax_attention_fwd(q, k, v):
   q, k, v = map(_heads_first, (q, k, v))
-  out, log_total = _attention_forward(q, k, v)
+  out, log_total = _by_platform(_attention_forward_cpu, _attention_forward, q, k, v)
   return _heads_first(out), (q, k, v, out, log_total)
 
 
-def _softmax_attention_bwd(residuals, d_out):
-  q, k, v, out, log_total = residuals  # Heads first.
-  d_out = _heads_first(d_out)
+def _attention_grads(q, k, v, out, log_total, d_out):
+  """Heads-first (d_q, d_k, d_v) from the weights recomputed once from `log_total`."""
   weights = jnp.exp(_attention_logits(q, k) - log_total)  # [B, N, T, S], rows sum to 1.
   d_v = jnp.einsum('bnts,bntd->bnsd', weights.astype(d_out.dtype), d_out,
                    preferred_element_type=jnp.float32)
   d_weights = jnp.einsum('bntd,bnsd->bnts', d_out, v, preferred_element_type=jnp.float32)
-  # Softmax backward: dL/dlogit = w * (dL/dw - sum_s w dL/dw), and sum_s w dL/dw is
-  # the row's d_out . out.
+  # sum_s w dL/dw is the row's d_out . out.
   row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_logits = (weights * (d_weights - row) * (q.shape[-1] ** -0.5)).astype(q.dtype)
   d_q = jnp.einsum('bnts,bnsd->bntd', d_logits, k, preferred_element_type=jnp.float32)
   d_k = jnp.einsum('bnts,bntd->bnsd', d_logits, q, preferred_element_type=jnp.float32)
-  return tuple(_heads_first(d.astype(x.dtype)) for d, x in ((d_q, q), (d_k, k), (d_v, v)))
+  return d_q, d_k, d_v
+
+
+def _attention_grads_fused(q, k, v, out, log_total, d_out):
+  """Heads-first (d_q, d_k, d_v), each as one chain of products (the CPU's fused kernels).
+
+  Each chain recomputes what it needs from q, k, v and d_out alone: a value that two
+  chains shared would be written to memory between kernels. So each computes the
+  logits as a different product (q/sqrt(D) k^T in the forward pass, q (k/sqrt(D))^T
+  for d_q, k (q/sqrt(D))^T for d_k, (k/sqrt(D)) q^T for d_v), which keeps XLA from
+  merging them into one array, and no constant multiplies a [B, N, T, S] array.
+  """
+  del out, log_total
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  q_scaled, k_scaled = _scaled(q), _scaled(k)
+  # d_q: the weights row by row ([B, N, T, S]), as in the forward pass.
+  weights = _softmax(f32('bntd,bnsd->bnts', q, k_scaled), axis=-1)
+  d_weights = f32('bntd,bnsd->bnts', d_out, v)
+  d_logits = _softmax_backward(weights, d_weights, axis=-1).astype(k.dtype)
+  d_q = f32('bnts,bnsd->bntd', d_logits, k_scaled)
+  # d_k and d_v: the weights column by column ([B, N, S, T]), each softmax over axis 2,
+  # so that their products, too, contract the matrix's last axis.
+  weights_t = _softmax(f32('bnsd,bntd->bnst', k, q_scaled), axis=2)
+  d_weights_t = f32('bnsd,bntd->bnst', v, d_out)
+  d_logits_t = _softmax_backward(weights_t, d_weights_t, axis=2).astype(q.dtype)
+  d_k = f32('bnst,bntd->bnsd', d_logits_t, q_scaled)
+  weights_t = _softmax(f32('bnsd,bntd->bnst', k_scaled, q), axis=2)
+  d_v = f32('bnst,bntd->bnsd', weights_t.astype(d_out.dtype), d_out)
+  return d_q, d_k, d_v
+
+
+def _softmax_attention_bwd(residuals, d_out):
+  q, k, v, _, _ = residuals  # Heads first.
+  d_out = _heads_first(d_out)
+  grads = _by_platform(_attention_grads_fused, _attention_grads, *residuals, d_out)
+  return tuple(_heads_first(d.astype(x.dtype)) for d, x in zip(grads, (q, k, v)))
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
