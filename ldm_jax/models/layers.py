@@ -83,9 +83,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'unknown attention_impl {impl!r}; accepted: '
                      f'{", ".join(map(repr, ATTENTION_IMPLS))}')
-  import os
-  if os.environ.get('ATT') == 'none':
-    return v * 1.0001
   if impl == 'xla' or (impl == 'auto' and not cudnn_attention_supported(q, k, v)):
     return softmax_attention(q, k, v)
   if impl == 'cudnn':
@@ -260,8 +257,8 @@ def _attention_grads_fused(q, k, v, out, log_total, d_out):
   d_weights_t = f32('bnsd,bntd->bnst', v, d_out)
   d_logits_t = _softmax_backward(weights_t, d_weights_t, axis=2).astype(q.dtype)
   d_k = f32('bnst,bntd->bnsd', d_logits_t, q_scaled)
-  weights_t = _softmax(f32('bnsd,bntd->bnst', k_scaled, q), axis=2)
-  d_v = f32('bnst,bntd->bnsd', weights_t.astype(d_out.dtype), d_out)
+  weights_v = _softmax(f32('bnsd,bntd->bnst', k_scaled, q), axis=2)
+  d_v = f32('bnst,bntd->bnsd', weights_v.astype(d_out.dtype), d_out)
   return d_q, d_k, d_v
 
 
